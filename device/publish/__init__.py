@@ -1,0 +1,1 @@
+"""Outputs for detection results: JSON lines, MQTT, HTTP, snapshots."""

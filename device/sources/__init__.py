@@ -1,0 +1,1 @@
+"""Frame sources: Pi camera, USB/V4L2, network streams, video files and image folders."""

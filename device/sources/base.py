@@ -1,0 +1,68 @@
+"""The small interface every frame source implements."""
+
+from __future__ import annotations
+
+import enum
+from abc import ABC, abstractmethod
+
+from device.types import Frame
+
+
+class SourceState(str, enum.Enum):
+    CONNECTING = "connecting"
+    STREAMING = "streaming"
+    RECONNECTING = "reconnecting"
+    ENDED = "ended"  # a finite source (file, folder) has delivered its last frame
+    FAILED = "failed"  # gave up; the daemon reports it and exits non-zero
+
+
+class FrameSource(ABC):
+    """A camera, stream, file or folder that yields BGR uint8 frames.
+
+    ``read`` returns the newest frame not yet returned, waiting at most ``timeout`` seconds;
+    ``None`` means no new frame in that time (a live source keeps trying to reconnect in the
+    background) or, once ``state`` is ENDED or FAILED, that no more will come.  Live sources
+    keep only the newest frame and count the ones they drop.
+    """
+
+    name: str = "source"
+
+    def __init__(self) -> None:
+        self.state = SourceState.CONNECTING
+        self.frames_captured = 0
+        self.frames_dropped = 0
+        self.reconnects = 0
+        self.last_error = ""
+
+    @abstractmethod
+    def open(self) -> None:
+        """Start capturing; raise ToolkitError when the source can never work."""
+
+    @abstractmethod
+    def read(self, timeout: float) -> Frame | None:
+        """The newest unread frame, or None after ``timeout`` seconds."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Stop capturing and release the device; safe to call twice."""
+
+    @property
+    def finished(self) -> bool:
+        return self.state in (SourceState.ENDED, SourceState.FAILED)
+
+    def status(self) -> dict:
+        return {
+            "name": self.name,
+            "state": self.state.value,
+            "frames_captured": self.frames_captured,
+            "frames_dropped": self.frames_dropped,
+            "reconnects": self.reconnects,
+            "last_error": self.last_error,
+        }
+
+    def __enter__(self) -> FrameSource:
+        self.open()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
