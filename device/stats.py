@@ -30,7 +30,8 @@ class RuntimeStats:
             "edge_frames_processed", "Frames run through the detector", registry=self.registry
         )
         self.frames_dropped = Gauge(
-            "edge_frames_dropped", "Frames the source dropped to stay current",
+            "edge_frames_dropped",
+            "Frames the source dropped to stay current",
             registry=self.registry,
         )
         self.frames_captured = Gauge(
@@ -49,11 +50,34 @@ class RuntimeStats:
             "edge_fps", "Frames processed per second, recent average", registry=self.registry
         )
         self.stage_seconds = Histogram(
-            "edge_stage_seconds", "Time spent in each pipeline stage", ["stage"],
-            buckets=_LATENCY_BUCKETS, registry=self.registry,
+            "edge_stage_seconds",
+            "Time spent in each pipeline stage",
+            ["stage"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
         )
         self.publish_errors = Counter(
-            "edge_publish_errors", "Results an output failed to deliver", ["sink"],
+            "edge_publish_errors",
+            "Results an output failed to deliver",
+            ["sink"],
+            registry=self.registry,
+        )
+        self.published = Counter(
+            "edge_published",
+            "Messages or files an output delivered",
+            ["sink"],
+            registry=self.registry,
+        )
+        self.publish_dropped = Counter(
+            "edge_publish_dropped",
+            "Results or messages an output dropped (queue full, broker gone)",
+            ["sink"],
+            registry=self.registry,
+        )
+        self.sink_connected = Gauge(
+            "edge_sink_connected",
+            "1 while an output is connected (MQTT broker, HTTP listening)",
+            ["sink"],
             registry=self.registry,
         )
         self.uptime = Gauge("edge_uptime_seconds", "Seconds since start", registry=self.registry)
@@ -105,4 +129,24 @@ class RuntimeStats:
             "fps": round(fps, 2),
             "stage_ms_last": stages,
             "detections": detections,
+            "outputs": self._outputs_snapshot(),
         }
+
+    def _outputs_snapshot(self) -> dict:
+        """Per-output delivered/dropped/error counts and connection state, keyed by sink name."""
+        outputs: dict[str, dict] = {}
+        fields = (
+            (self.published, "published"),
+            (self.publish_dropped, "dropped"),
+            (self.publish_errors, "errors"),
+            (self.sink_connected, "connected"),
+        )
+        for metric, field_name in fields:
+            for family in metric.collect():
+                for sample in family.samples:
+                    if sample.name.endswith("_created"):
+                        continue
+                    entry = outputs.setdefault(sample.labels["sink"], {})
+                    value = sample.value
+                    entry[field_name] = bool(value) if field_name == "connected" else int(value)
+        return outputs
