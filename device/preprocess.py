@@ -35,11 +35,13 @@ class LetterboxTransform:
     def boxes_to_frame(self, boxes: np.ndarray) -> np.ndarray:
         """Map (N, 4) x1, y1, x2, y2 boxes from input pixels to frame pixels, clipped."""
         out = np.empty_like(boxes, dtype=np.float32)
-        out[:, [0, 2]] = (boxes[:, [0, 2]] - self.pad_left) / self.scale_x
-        out[:, [1, 3]] = (boxes[:, [1, 3]] - self.pad_top) / self.scale_y
+        # Strided views, not fancy indexing: np.clip(out=...) must write into ``out`` itself.
+        xs, ys = out[:, 0::2], out[:, 1::2]
+        xs[:] = (boxes[:, 0::2] - self.pad_left) / self.scale_x
+        ys[:] = (boxes[:, 1::2] - self.pad_top) / self.scale_y
         height, width = self.frame_size
-        np.clip(out[:, [0, 2]], 0, width, out=out[:, [0, 2]])
-        np.clip(out[:, [1, 3]], 0, height, out=out[:, [1, 3]])
+        np.clip(xs, 0, width, out=xs)
+        np.clip(ys, 0, height, out=ys)
         return out
 
 
