@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 
 from device.types import FrameResult
+
+# The daemon's health report, given to the MQTT and HTTP outputs: a JSON-ready dict whose
+# "healthy" key is true while the pipeline works (HTTP /health answers 503 otherwise).
+HealthProvider = Callable[[], dict]
 
 
 class Sink(ABC):
@@ -13,14 +18,14 @@ class Sink(ABC):
 
     name: str = "sink"
 
-    def start(self) -> None:
+    def start(self) -> None:  # noqa: B027 (optional hook: a no-op unless a sink needs it)
         """Connect or open files; called once before the first result."""
 
     @abstractmethod
     def publish(self, result: FrameResult) -> None:
         """Hand over one frame's result without blocking."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 (optional hook: a no-op unless a sink needs it)
         """Flush and release; called once on every exit path."""
 
     def status(self) -> dict:
