@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import enum
+import logging
+import time
 from abc import ABC, abstractmethod
 
 from device.types import Frame
+
+log = logging.getLogger(__name__)
 
 
 class SourceState(str, enum.Enum):
@@ -33,6 +37,7 @@ class FrameSource(ABC):
         self.frames_dropped = 0
         self.reconnects = 0
         self.last_error = ""
+        self.state_since = time.time()
 
     @abstractmethod
     def open(self) -> None:
@@ -46,6 +51,17 @@ class FrameSource(ABC):
     def close(self) -> None:
         """Stop capturing and release the device; safe to call twice."""
 
+    def _set_state(self, state: SourceState, reason: str = "") -> None:
+        """Change state, logging the change once (never per frame)."""
+        if reason and state not in (SourceState.STREAMING, SourceState.ENDED):
+            self.last_error = reason
+        if state == self.state:
+            return
+        previous, self.state, self.state_since = self.state, state, time.time()
+        level = logging.WARNING if state == SourceState.FAILED else logging.INFO
+        suffix = f": {reason}" if reason else ""
+        log.log(level, "source %s: %s -> %s%s", self.name, previous.value, state.value, suffix)
+
     @property
     def finished(self) -> bool:
         return self.state in (SourceState.ENDED, SourceState.FAILED)
@@ -58,6 +74,7 @@ class FrameSource(ABC):
             "frames_dropped": self.frames_dropped,
             "reconnects": self.reconnects,
             "last_error": self.last_error,
+            "state_since": round(self.state_since, 3),
         }
 
     def __enter__(self) -> FrameSource:
