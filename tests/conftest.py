@@ -32,3 +32,41 @@ def bus_jpg() -> Path:
 @pytest.fixture
 def zidane_jpg() -> Path:
     return realdata_file("images/zidane.jpg")
+
+
+@pytest.fixture(scope="session")
+def mqtt_broker(tmp_path_factory):
+    """A real mosquitto on 127.0.0.1 and a free port, shared by the whole session.
+
+    Tests sharing it must use their own topic prefix (see ``mqtt_prefix``) and must not stop it.
+    """
+    from tests.broker import MosquittoBroker, mosquitto_binary
+
+    if mosquitto_binary() is None:
+        pytest.skip("mosquitto is not installed (apt-get install mosquitto)")
+    broker = MosquittoBroker(tmp_path_factory.mktemp("mosquitto"))
+    broker.start()
+    yield broker
+    broker.stop()
+
+
+@pytest.fixture
+def private_mqtt_broker(tmp_path):
+    """A mosquitto of the test's own, which it may stop and start again on the same port."""
+    from tests.broker import MosquittoBroker, mosquitto_binary
+
+    if mosquitto_binary() is None:
+        pytest.skip("mosquitto is not installed (apt-get install mosquitto)")
+    broker = MosquittoBroker(tmp_path)
+    broker.start()
+    yield broker
+    broker.stop()
+
+
+@pytest.fixture
+def mqtt_prefix(request) -> str:
+    """A topic prefix no other test uses, so retained messages never leak between tests."""
+    import uuid
+
+    name = "".join(c if c.isalnum() or c in "_-" else "_" for c in request.node.name[:40])
+    return f"test/{name}-{uuid.uuid4().hex[:8]}"
