@@ -54,6 +54,9 @@ WHEEL_PLATFORMS = ["manylinux_2_28_aarch64", "manylinux2014_aarch64"]
 # opencv-python-headless 4.12 and later require numpy 2.
 PI_CONSTRAINTS = ["numpy<2", "opencv-python-headless<4.12"]
 TEST_TOOLS = ("pytest", "pytest-timeout")
+# A release known to die with "Illegal instruction" on a Pi 4 (it needs more than ARMv8.0):
+# installed apart, so tests can prove the device check turns that crash into a message.
+CRASHING_ONNXRUNTIME = "onnxruntime==1.21.0"
 DOWNLOAD_ATTEMPTS = 3
 ARM_TESTS = REPO_ROOT / "tests" / "arm"
 
@@ -163,6 +166,11 @@ class ArmEnv:
     def site(self) -> Path:
         return self.cache / "site"
 
+    @property
+    def crashing_onnxruntime(self) -> Path:
+        """A directory holding only CRASHING_ONNXRUNTIME, to put first on PYTHONPATH."""
+        return self.cache / "crashing-onnxruntime"
+
     def view(self, cpu: CpuProfile) -> Path:
         return self.cache / "cpu" / cpu.qemu_cpu
 
@@ -182,6 +190,7 @@ class ArmEnv:
             "PYTHONNOUSERSITE": "1",
             "EDGE_ARM_CPU": cpu.qemu_cpu,
             "EDGE_ARM_DOTPROD": "1" if cpu.has_dotprod else "0",
+            "EDGE_ARM_CRASHING_ORT": str(self.crashing_onnxruntime),
         }
         return env | (extra or {})
 
@@ -245,7 +254,8 @@ def build(*, force: bool = False) -> ArmEnv:
     with _build_lock(env.cache):
         started = time.monotonic()
         _build_root(env, force=force)
-        _install_wheels(env, force=force)
+        _install_wheels(env.site, device_requirements(), force=force)
+        _install_wheels(env.crashing_onnxruntime, [CRASHING_ONNXRUNTIME], force=force, deps=False)
         for cpu in CPUS.values():
             _write_view(env, cpu)
         log.info("arm64 environment ready in %.0f s at %s", time.monotonic() - started, env.cache)
@@ -343,16 +353,17 @@ def _precompile_stdlib(root: Path) -> None:
     _run([*command, str(stdlib)], what="precompiling the arm64 stdlib", check=False)
 
 
-def _install_wheels(env: ArmEnv, *, force: bool) -> None:
-    """The device runtime's dependencies as aarch64 wheels, installed by the host's pip."""
-    requirements = device_requirements()
-    key = _stage_key(requirements, WHEEL_PLATFORMS, PYTHON_VERSION)
-    stamp = env.cache / "site.stamp"
-    if not force and _is_current(stamp, key) and env.site.is_dir():
-        log.info("aarch64 wheels up to date: %s", env.site)
+def _install_wheels(
+    target: Path, requirements: list[str], *, force: bool, deps: bool = True
+) -> None:
+    """aarch64 wheels for ``requirements`` in ``target``, installed by the host's pip."""
+    key = _stage_key(requirements, WHEEL_PLATFORMS, PYTHON_VERSION, deps)
+    stamp = target.with_name(target.name + ".stamp")
+    if not force and _is_current(stamp, key) and target.is_dir():
+        log.info("aarch64 wheels up to date: %s", target)
         return
 
-    staging = Path(tempfile.mkdtemp(prefix="site.", dir=env.cache))
+    staging = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
     platforms = [arg for platform in WHEEL_PLATFORMS for arg in ("--platform", platform)]
     command = [
         sys.executable,
@@ -371,6 +382,7 @@ def _install_wheels(env: ArmEnv, *, force: bool) -> None:
         f"--python-version={PYTHON_VERSION}",
         "--implementation=cp",
         f"--abi=cp{PYTHON_VERSION.replace('.', '')}",
+        *([] if deps else ["--no-deps"]),
         *requirements,
     ]
     log.info("installing aarch64 wheels: %s", " ".join(requirements))
@@ -382,10 +394,10 @@ def _install_wheels(env: ArmEnv, *, force: bool) -> None:
     )
 
     stamp.unlink(missing_ok=True)
-    shutil.rmtree(env.site, ignore_errors=True)
-    staging.rename(env.site)
+    shutil.rmtree(target, ignore_errors=True)
+    staging.rename(target)
     stamp.write_text(key)
-    log.info("aarch64 wheels installed: %s", _installed_versions(env.site))
+    log.info("aarch64 wheels installed in %s: %s", target.name, _installed_versions(target))
 
 
 def _installed_versions(site: Path) -> str:
