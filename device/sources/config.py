@@ -54,7 +54,7 @@ class _LiveSourceConfig(_Strict):
 
 def _even(value: int) -> int:
     if value % 2:
-        raise ValueError(f"must be even for the camera's YUV pipeline, got {value}")
+        raise ValueError("must be even for the camera's YUV pipeline")
     return value
 
 
