@@ -11,15 +11,15 @@ class ColorSpace:
     name: str
 
     @staticmethod
-    def Sycc() -> ColorSpace:  # noqa: N802 - libcamera's spelling
+    def Sycc() -> ColorSpace:
         return ColorSpace("sYCC")
 
     @staticmethod
-    def Smpte170m() -> ColorSpace:  # noqa: N802
+    def Smpte170m() -> ColorSpace:
         return ColorSpace("SMPTE170M")
 
     @staticmethod
-    def Rec709() -> ColorSpace:  # noqa: N802
+    def Rec709() -> ColorSpace:
         return ColorSpace("Rec709")
 
 
