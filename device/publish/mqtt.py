@@ -50,6 +50,7 @@ from device.stats import RuntimeStats
 from device.types import Detection, FrameResult
 
 log = logging.getLogger(__name__)
+_paho_log = logging.getLogger(f"{__name__}.paho")
 
 _INBOX_SIZE = 256  # frames waiting for the worker; the loop is far slower than the worker
 _WORKER_TICK = 0.2  # seconds between the worker's housekeeping passes
@@ -140,7 +141,9 @@ class MqttSink(Sink):
             client_id=self.client_id,
             protocol=paho.MQTTv311,
         )
-        client.enable_logger(logging.getLogger(f"{__name__}.paho"))
+        # paho reports routine reconnect noise at error level; our own messages carry the
+        # lifecycle, so paho's go to debug for diagnosis.
+        client.on_log = _log_paho
         client.will_set(self.topics.available, "offline", qos=1, retain=True)
         client.reconnect_delay_set(
             min_delay=cfg.reconnect_min_delay, max_delay=cfg.reconnect_max_delay
@@ -386,3 +389,7 @@ class MqttSink(Sink):
             elif info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
                 self._errors.inc()
                 log.debug("MQTT: publish to %s failed: %s", message.topic, info.rc)
+
+
+def _log_paho(client, userdata, level, message) -> None:
+    _paho_log.debug("paho: %s", message)
