@@ -1,8 +1,8 @@
 """Typed settings for the MQTT, HTTP and snapshot outputs.
 
 Every model rejects unknown keys, and every field has a default, bounds where a number can be
-wrong, and one line of description. The daemon's config embeds ``OutputsConfig`` (or the three
-models one by one) and hands each to its sink's constructor.
+wrong, and one line of description. The daemon's config (device/config.py) embeds them under
+``outputs`` and hands each to its sink's constructor.
 """
 
 from __future__ import annotations
@@ -210,14 +210,4 @@ class SnapshotConfig(_Strict):
     annotate: bool = Field(True, description="Draw boxes and labels on the saved image")
     queue_size: int = Field(
         4, ge=1, le=256, description="Frames waiting to be written; more are dropped and counted"
-    )
-
-
-class OutputsConfig(_Strict):
-    """All outputs beyond JSON lines, for embedding in the daemon's config."""
-
-    mqtt: MqttConfig = Field(default_factory=MqttConfig, description="MQTT broker output")
-    http: HttpConfig = Field(default_factory=HttpConfig, description="HTTP server")
-    snapshots: SnapshotConfig = Field(
-        default_factory=SnapshotConfig, description="Snapshots to disk"
     )
