@@ -7,6 +7,7 @@ reconnects. The fixtures in tests/conftest.py wrap it.
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
@@ -33,10 +34,45 @@ def mosquitto_binary() -> str | None:
     )
 
 
+@dataclass(frozen=True)
+class TlsFiles:
+    ca: Path
+    server_cert: Path
+    server_key: Path
+
+
+def make_tls_files(workdir: Path) -> TlsFiles:
+    """A throwaway CA and a server certificate for 127.0.0.1, made with the openssl CLI."""
+    if shutil.which("openssl") is None:
+        raise FileNotFoundError("openssl is not installed (apt-get install openssl)")
+    ca, ca_key = workdir / "ca.crt", workdir / "ca.key"
+    cert, key, request = workdir / "server.crt", workdir / "server.key", workdir / "server.csr"
+    extensions = workdir / "san.cnf"
+    extensions.write_text("subjectAltName=IP:127.0.0.1\n")
+    new_key = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    commands = [
+        ["openssl", "req", "-x509", *new_key, "-keyout", ca_key, "-out", ca, "-days", "2",
+         "-subj", "/CN=edge-yolo-test-ca"],
+        ["openssl", "req", *new_key, "-keyout", key, "-out", request, "-subj", "/CN=127.0.0.1"],
+        ["openssl", "x509", "-req", "-in", request, "-CA", ca, "-CAkey", ca_key,
+         "-CAcreateserial", "-out", cert, "-days", "2", "-extfile", extensions],
+    ]  # fmt: skip
+    for command in commands:
+        subprocess.run([str(part) for part in command], check=True, capture_output=True)
+    return TlsFiles(ca, cert, key)
+
+
 class MosquittoBroker:
     """One mosquitto process; ``start``/``stop`` may be repeated, the port stays the same."""
 
-    def __init__(self, workdir: Path, port: int | None = None) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        port: int | None = None,
+        *,
+        tls: TlsFiles | None = None,
+        users: dict[str, str] | None = None,
+    ) -> None:
         binary = mosquitto_binary()
         if binary is None:
             raise FileNotFoundError("mosquitto is not installed (apt-get install mosquitto)")
@@ -47,13 +83,30 @@ class MosquittoBroker:
         self.config_path = workdir / "mosquitto.conf"
         self.log_path = workdir / "mosquitto.log"
         self.process: subprocess.Popen | None = None
-        self.config_path.write_text(
-            f"listener {self.port} {HOST}\n"
-            "allow_anonymous true\n"
-            "persistence false\n"
-            "log_dest stderr\n"
-            "log_type error\nlog_type warning\nlog_type notice\nlog_type information\n"
-        )
+
+        lines = [f"listener {self.port} {HOST}"]
+        if tls is not None:
+            lines += [
+                f"cafile {tls.ca}",
+                f"certfile {tls.server_cert}",
+                f"keyfile {tls.server_key}",
+            ]
+        if users:
+            password_file = workdir / "passwords"
+            password_file.write_text("")
+            for user, password in users.items():
+                subprocess.run(
+                    ["mosquitto_passwd", "-b", str(password_file), user, password], check=True
+                )
+            lines += ["allow_anonymous false", f"password_file {password_file}"]
+        else:
+            lines += ["allow_anonymous true"]
+        if os.geteuid() == 0:
+            # As root, mosquitto switches to its own user, which cannot read a pytest tmp dir.
+            lines += ["user root"]
+        lines += ["persistence false", "log_dest stderr"]
+        lines += [f"log_type {kind}" for kind in ("error", "warning", "notice", "information")]
+        self.config_path.write_text("\n".join(lines) + "\n")
 
     def start(self, timeout: float = 10.0) -> None:
         with open(self.log_path, "ab") as log_file:

@@ -15,7 +15,7 @@ from device.publish.config import MqttConfig
 from device.publish.mqtt import MqttSink
 from device.stats import RuntimeStats
 from device.types import Detection, Frame, FrameResult
-from tests.broker import MqttRecorder
+from tests.broker import MosquittoBroker, MqttRecorder, make_tls_files, mosquitto_binary
 
 REPO_ROOT = __import__("pathlib").Path(__file__).resolve().parent.parent
 IMAGE = np.zeros((48, 64, 3), np.uint8)  # MQTT never looks at pixels
@@ -281,6 +281,35 @@ def test_start_with_no_broker_returns_at_once(mqtt_prefix):
     finally:
         sink.close()
     assert stats.snapshot()["outputs"]["mqtt"]["connected"] is False
+
+
+def test_tls_with_password_from_the_environment(tmp_path, mqtt_prefix, monkeypatch, caplog):
+    if mosquitto_binary() is None:
+        pytest.skip("mosquitto is not installed (apt-get install mosquitto)")
+    try:
+        tls = make_tls_files(tmp_path)
+    except FileNotFoundError as exc:
+        pytest.skip(str(exc))
+    broker = MosquittoBroker(tmp_path, tls=tls, users={"cam": "s3cret"})
+    broker.start()
+    monkeypatch.setenv("EDGE_TEST_MQTT_PASSWORD", "s3cret")
+    secure = {"username": "cam", "tls": {"ca_file": str(tls.ca)}}
+    try:
+        sink, stats = sink_for(
+            broker, mqtt_prefix, password_env="EDGE_TEST_MQTT_PASSWORD", **secure
+        )
+        with sink:
+            assert wait_until(lambda: sink.connected), broker.log_path.read_text()[-2000:]
+            # 'online' went out with QoS 1, so the broker acknowledged it.
+            assert wait_until(lambda: stats.snapshot()["outputs"]["mqtt"]["published"] >= 1)
+
+        wrong, _ = sink_for(broker, mqtt_prefix, password="wrong", **secure)
+        with caplog.at_level("WARNING", logger="device.publish.mqtt"), wrong:
+            assert wait_until(lambda: "refused the connection" in caplog.text, timeout=10)
+            assert not wrong.connected
+        assert "wrong" not in caplog.text, "the password was logged"
+    finally:
+        broker.stop()
 
 
 @pytest.mark.parametrize(

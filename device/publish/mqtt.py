@@ -256,7 +256,16 @@ class MqttSink(Sink):
 
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
         if reason_code.is_failure:
-            log.warning("MQTT: broker %s refused the connection: %s", self.config.host, reason_code)
+            # Said once: paho keeps retrying, and a wrong password stays wrong.
+            if not self._outage_logged:
+                log.warning(
+                    "MQTT: broker %s:%d refused the connection: %s; check mqtt.username, the "
+                    "password and the broker's ACL",
+                    self.config.host,
+                    self.config.port,
+                    reason_code,
+                )
+                self._outage_logged = True
             return
         log.info("MQTT: connected to %s:%d", self.config.host, self.config.port)
         self._outage_logged = False
