@@ -47,6 +47,7 @@ class LiveSource(FrameSource):
         self.frozen_after_s = frozen_after_s
         self.policy = reconnect
         self.reconnect_attempts = 0  # failed attempts since the source was last streaming
+        self.stop_timeout_s = read_timeout_s + 2.0  # longest a connect or grab may block
 
         self._ready = threading.Condition()
         self._latest: tuple[np.ndarray, float, float] | None = None
@@ -120,7 +121,7 @@ class LiveSource(FrameSource):
         self._stop.set()
         thread, self._thread = self._thread, None
         if thread is not None:
-            thread.join(timeout=self.read_timeout_s + 2.0)
+            thread.join(timeout=self.stop_timeout_s)
             if thread.is_alive():
                 log.warning("source %s: reader thread did not stop in time", self.name)
                 return

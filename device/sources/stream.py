@@ -35,6 +35,7 @@ class StreamSource(LiveSource):
             reconnect=config.reconnect,
         )
         self.config = config
+        self.stop_timeout_s = max(config.read_timeout_s, config.open_timeout_s) + 2.0
         self.url_for_humans = redact_url(config.url)
         self._capture: cv2.VideoCapture | None = None
 
