@@ -58,6 +58,8 @@ TEST_TOOLS = ("pytest", "pytest-timeout")
 # installed apart, so tests can prove the device check turns that crash into a message.
 CRASHING_ONNXRUNTIME = "onnxruntime==1.21.0"
 DOWNLOAD_ATTEMPTS = 3
+# What the guest takes from the Debian root; every other path is the host's.
+GUEST_SYSTEM_DIRS = ("usr", "lib", "lib64", "bin", "sbin", "etc")
 ARM_TESTS = REPO_ROOT / "tests" / "arm"
 
 
@@ -406,19 +408,23 @@ def _installed_versions(site: Path) -> str:
 
 
 def _write_view(env: ArmEnv, cpu: CpuProfile) -> None:
-    """A root for one CPU: links to the shared root, plus its own /proc/cpuinfo.
+    """A root for one CPU: links to the shared root's system dirs, plus its own /proc/cpuinfo.
 
     Under ``qemu -L ROOT`` the guest's ``/proc/cpuinfo`` is ``ROOT/proc/cpuinfo`` when that file
     exists.  onnxruntime's CPU probe crashes on the host's x86 text, and the device check reads
-    the features from it, so each imitated CPU gets its board's text.
+    the features from it, so each imitated CPU gets its board's text.  Only the system dirs are
+    linked: a linked /tmp or /root would shadow the host paths the tests hand to the guest (and
+    os.path.realpath would follow the link away from them).
     """
-    view = env.view(cpu)
-    rootfs = view / "root"
+    rootfs = env.view(cpu) / "root"
     rootfs.mkdir(parents=True, exist_ok=True)
-    for entry in env.root.iterdir():
-        link = rootfs / entry.name
-        if entry.name != "proc" and not link.is_symlink():
-            link.symlink_to(entry)
+    for entry in rootfs.iterdir():
+        if entry.is_symlink() and entry.name not in GUEST_SYSTEM_DIRS:
+            entry.unlink()
+    for name in GUEST_SYSTEM_DIRS:
+        link = rootfs / name
+        if (env.root / name).exists() and not link.is_symlink():
+            link.symlink_to(env.root / name)
     (rootfs / "proc").mkdir(exist_ok=True)
     _write_atomic(rootfs / "proc" / "cpuinfo", cpu.cpuinfo(os.cpu_count() or 1))
 
