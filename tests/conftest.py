@@ -70,3 +70,42 @@ def mqtt_prefix(request) -> str:
 
     name = "".join(c if c.isalnum() or c in "_-" else "_" for c in request.node.name[:40])
     return f"test/{name}-{uuid.uuid4().hex[:8]}"
+
+
+TINY_CLASSES = ["circle", "square", "triangle"]
+
+
+@pytest.fixture(scope="session")
+def tiny_pt(tmp_path_factory) -> Path:
+    """A small random-weight YOLOv5 (3 classes, width 0.125) saved as an Ultralytics-style
+    fp16 checkpoint. Needs no real data."""
+    import torch
+
+    from toolkit.checkpoint import save_ultralytics_checkpoint
+    from toolkit.yolo import build_model, load_config
+
+    torch.manual_seed(0)
+    cfg = load_config("yolov5n")
+    cfg["width_multiple"] = 0.125
+    model = build_model(cfg, nc=len(TINY_CLASSES), names=TINY_CLASSES)
+    return save_ultralytics_checkpoint(model, tmp_path_factory.mktemp("tiny") / "tiny.pt")
+
+
+@pytest.fixture(scope="session")
+def tiny_onnx(tiny_pt, tmp_path_factory) -> Path:
+    """``tiny_pt`` exported to a verified fp32 ONNX at 320x320, batch 1 (no real data)."""
+    from toolkit.export import export_model
+
+    return export_model(tiny_pt, tmp_path_factory.mktemp("tiny-onnx") / "tiny.onnx", imgsz=320)
+
+
+@pytest.fixture(scope="session")
+def yolov5n_onnx(tmp_path_factory) -> Path:
+    """The real yolov5n.pt exported to a verified fp32 ONNX at 640x640 (checked on bus.jpg);
+    skipped without ../shared/realdata."""
+    from toolkit.export import export_model
+
+    weights = realdata_file("models/yolov5n.pt")
+    image = realdata_file("images/bus.jpg")
+    output = tmp_path_factory.mktemp("yolov5n-onnx") / "yolov5n.onnx"
+    return export_model(weights, output, imgsz=640, verify_image=image)
