@@ -87,6 +87,7 @@ def build_bundle(
     include_runtime: bool = True,
     health_url: str | None = None,
     check_models: bool = True,
+    check_config: bool = True,
     force: bool = False,
 ) -> Path:
     """Write a bundle to ``out`` (a directory, or an archive when it ends in .tar.gz)."""
@@ -103,6 +104,8 @@ def build_bundle(
         _copy_models(models, entries, staging)
         (staging / MODEL_LINK).symlink_to(default["file"])
         (staging / CONFIG_NAME).write_text(config_text)
+        if check_config:
+            check_daemon_config(staging / CONFIG_NAME, config)
         wheel = _add_runtime(staging, runtime_wheel, include_runtime)
 
         manifest = make_manifest(
@@ -190,7 +193,7 @@ def min_onnxruntime(opset: int, ir_version: int) -> str:
 def bundle_config_text(config: Path | None) -> str:
     """The daemon config with its model path pointed at the bundled model link."""
     if config is None:
-        document: dict = {}
+        document: dict = {"source": {"type": "picamera"}}
     else:
         try:
             document = yaml.safe_load(Path(config).read_text()) or {}
@@ -207,6 +210,22 @@ def bundle_config_text(config: Path | None) -> str:
     else:
         document["model"] = {"path": MODEL_LINK}
     return yaml.safe_dump(document, sort_keys=False)
+
+
+def check_daemon_config(path: Path, original: Path | None) -> None:
+    """The daemon must accept the config: keys, values, and the bundled model's classes."""
+    from device.cli import check_model_reference
+    from device.config import load_config
+
+    try:
+        # Relative model paths resolve in the release directory, where the daemon starts.
+        model = path.parent / load_config(path).model.path
+        check_model_reference(load_config(path, {"model.path": str(model)}))
+    except ToolkitError as exc:
+        source = original or "the default config"
+        raise ToolkitError(
+            f"The daemon config ({source}) is not valid for the daemon: {exc}"
+        ) from exc
 
 
 def health_url_from_config(config_text: str) -> str:
