@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import time
 from pathlib import Path
 
@@ -130,7 +131,7 @@ def test_slow_reader_gets_the_newest_frame_and_drops_are_counted():
                 numbers.append(frame_number(frame.image))
                 assert server.sent - frame_number(frame.image) <= 3, "an old frame was returned"
             assert source.frames_dropped >= 10
-            assert all(later - earlier > 1 for earlier, later in zip(numbers, numbers[1:]))
+            assert all(later - earlier > 1 for earlier, later in itertools.pairwise(numbers))
     finally:
         server.cut()
 
@@ -180,7 +181,7 @@ def test_rtsp_is_cut_and_restored(h264_video, reference_frames):
 
 def test_unreachable_stream_fails_clearly_or_retries_when_asked():
     url = f"tcp://127.0.0.1:{free_port()}"
-    with pytest.raises(ToolkitError, match="Could not open the stream .* 'ffprobe'"):
+    with pytest.raises(ToolkitError, match=r"Could not open the stream .* 'ffprobe'"):
         open_source(stream_config(url, open_timeout_s=1.0))
 
     config = stream_config(url, open_timeout_s=0.5, reconnect={**FAST_RECONNECT, "max_attempts": 2})

@@ -49,7 +49,9 @@ class _LiveSourceConfig(_Strict):
     frozen_after_s: float = Field(
         10.0, ge=0, le=3600, description="identical frames for this long count as lost; 0 disables"
     )
-    reconnect: ReconnectPolicy = Field(default_factory=ReconnectPolicy)
+    reconnect: ReconnectPolicy = Field(
+        default_factory=ReconnectPolicy, description="retrying after the source is lost"
+    )
 
 
 def _even(value: int) -> int:
