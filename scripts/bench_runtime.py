@@ -1,0 +1,218 @@
+"""Benchmark the device runtime on a real video, side by side in one run:
+
+- raw inference: ``session.run`` on one prepared tensor, back to back (the ceiling);
+- our pipeline: capture, letterbox, inference, NMS and JSON lines in overlapping threads;
+- detect.py-style: read, preprocess, infer and NMS in sequence, as YOLOv5's detect.py does;
+
+and the daemon's resident memory, sampled while it runs as a separate process.
+
+The three throughput measurements are interleaved over several rounds and the median of each
+is reported, because a shared machine's speed drifts.  Target: pipeline >= 95% of raw
+inference, daemon RSS <= 250 MB.
+
+    .venv/bin/python scripts/bench_runtime.py --model yolov5n.onnx [--video FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import cv2
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from device.health import Health  # noqa: E402
+from device.infer import Detector, SessionConfig  # noqa: E402
+from device.pipeline import Pipeline  # noqa: E402
+from device.publish.jsonl import JsonlConfig, JsonlSink  # noqa: E402
+from device.sources.config import VideoFileConfig  # noqa: E402
+from device.sources.video_file import VideoFileSource  # noqa: E402
+from device.stats import RuntimeStats  # noqa: E402
+
+DEFAULT_VIDEO = REPO.parent / "shared" / "realdata" / "video" / "one-by-one-person-detection.mp4"
+
+
+def raw_inference_fps(detector: Detector, video: Path, runs: int) -> float:
+    """session.run alone, on one real frame's tensor: the most the model can do here."""
+    capture = cv2.VideoCapture(str(video))
+    ok, frame = capture.read()
+    capture.release()
+    if not ok:
+        raise SystemExit(f"could not read a frame from {video}")
+    tensor, _ = detector.preprocess(frame)
+    feed = {detector.info.input_name: tensor}
+    outputs = [detector.info.output_name]
+    for _ in range(3):
+        detector.session.run(outputs, feed)
+    started = time.perf_counter()
+    for _ in range(runs):
+        detector.session.run(outputs, feed)
+    return runs / (time.perf_counter() - started)
+
+
+def sequential_fps(detector: Detector, video: Path, frames: int) -> float:
+    """detect.py's loop: every stage waits for the one before it."""
+    capture = cv2.VideoCapture(str(video))
+    done = 0
+    started = time.perf_counter()
+    while done < frames:
+        ok, frame = capture.read()
+        if not ok:
+            capture.set(cv2.CAP_PROP_POS_FRAMES, 0)
+            continue
+        detector.detect(frame)
+        done += 1
+    elapsed = time.perf_counter() - started
+    capture.release()
+    return frames / elapsed
+
+
+def pipeline_fps(detector: Detector, video: Path, frames: int, out: Path) -> float:
+    """Our daemon's pipeline in this process, writing JSON lines to a file."""
+    stats = RuntimeStats()
+    source = VideoFileSource(VideoFileConfig(path=video, loop=True))
+    sink = JsonlSink(JsonlConfig(enabled=True, path=str(out), append=False), stats)
+    source.open()
+    sink.start()
+    pipeline = Pipeline(
+        source,
+        detector,
+        [sink],
+        stats=stats,
+        health=Health(),
+        newest_frame=False,
+        max_frames=frames,
+    )
+    started = time.perf_counter()
+    pipeline.start()
+    pipeline.done.wait()
+    elapsed = time.perf_counter() - started
+    pipeline.join()
+    source.close()
+    sink.close()
+    if pipeline.outcome != "max_frames":
+        raise SystemExit(f"pipeline ended early: {pipeline.outcome} {pipeline.error}")
+    return frames / elapsed
+
+
+def daemon_memory(model: Path, video: Path, frames: int, threads: int) -> dict:
+    """Run the daemon as its own process on a looping video; sample its RSS as it runs."""
+    with tempfile.TemporaryDirectory() as tmp:
+        config = Path(tmp) / "daemon.yaml"
+        config.write_text(
+            f"model: {{path: {json.dumps(str(model))}, intra_op_threads: {threads}}}\n"
+            f"source: {{type: file, path: {json.dumps(str(video))}, loop: true}}\n"
+            f"pipeline: {{max_frames: {frames}}}\n"
+            f"outputs: {{jsonl: {{enabled: true, path: {json.dumps(tmp + '/out.jsonl')}}}}}\n"
+            "log_level: warning\n"
+        )
+        command = [str(REPO / ".venv" / "bin" / "toolkit-device"), "run", str(config)]
+        process = subprocess.Popen(command)
+        samples: list[tuple[float, int]] = []
+        sampler = threading.Thread(target=_sample_rss, args=(process, samples), daemon=True)
+        started = time.perf_counter()
+        sampler.start()
+        code = process.wait()
+        elapsed = time.perf_counter() - started
+        sampler.join()
+        lines = len(Path(tmp, "out.jsonl").read_text().splitlines())
+    if code != 0 or lines != frames:
+        raise SystemExit(f"daemon exited {code} after {lines} of {frames} frames")
+    # Growth: the last tenth of the run against the tenth after warm-up.
+    rss = [kb for _, kb in samples]
+    tenth = max(1, len(rss) // 10)
+    return {
+        "peak_mb": max(rss) / 1024,
+        "early_mb": statistics.median(rss[tenth : 2 * tenth]) / 1024,
+        "late_mb": statistics.median(rss[-tenth:]) / 1024,
+        "seconds": elapsed,
+        "frames": frames,
+    }
+
+
+def _sample_rss(process: subprocess.Popen, samples: list) -> None:
+    status = Path(f"/proc/{process.pid}/status")
+    while process.poll() is None:
+        try:
+            for line in status.read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    samples.append((time.monotonic(), int(line.split()[1])))
+        except (FileNotFoundError, ProcessLookupError):
+            break
+        time.sleep(0.25)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, required=True, help="ONNX model (FP32 or INT8)")
+    parser.add_argument("--video", type=Path, default=DEFAULT_VIDEO)
+    parser.add_argument("--threads", type=int, default=0, help="intra-op threads (0: all CPUs)")
+    parser.add_argument("--frames", type=int, default=150, help="frames per throughput round")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rss-frames", type=int, default=1500, help="frames of the memory run")
+    args = parser.parse_args()
+    if not args.video.exists():
+        raise SystemExit(f"video not found: {args.video} (see ../shared/realdata/SOURCES.md)")
+
+    detector = Detector(args.model, session_config=SessionConfig(intra_op_threads=args.threads))
+    threads = detector.session.get_session_options().intra_op_num_threads
+    print(
+        f"model {args.model.name} ({detector.info.precision}), video {args.video.name}, "
+        f"{threads} intra-op threads, spinning off, {args.rounds} rounds of {args.frames} frames"
+    )
+
+    results: dict[str, list[float]] = {"raw": [], "pipeline": [], "sequential": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for round_index in range(args.rounds):
+            results["raw"].append(raw_inference_fps(detector, args.video, args.frames))
+            out = Path(tmp) / "bench.jsonl"
+            results["pipeline"].append(pipeline_fps(detector, args.video, args.frames, out))
+            results["sequential"].append(sequential_fps(detector, args.video, args.frames))
+            print(
+                f"  round {round_index + 1}: "
+                + ", ".join(f"{k} {v[-1]:.1f} fps" for k, v in results.items())
+            )
+
+    # Ratios are taken within each round (measured minutes apart at most), then the median.
+    ratios = {
+        name: statistics.median(v / r for v, r in zip(values, results["raw"], strict=True))
+        for name, values in results.items()
+    }
+    rows = [
+        ("raw session.run (ceiling)", "raw"),
+        ("our pipeline, end to end", "pipeline"),
+        ("detect.py-style sequential", "sequential"),
+    ]
+    print()
+    print(f"{'':30} {'frames/s':>9} {'ms/frame':>9} {'vs raw':>7}")
+    for label, name in rows:
+        fps = statistics.median(results[name])
+        print(f"{label:30} {fps:9.1f} {1000 / fps:9.1f} {ratios[name]:7.1%}")
+    speedup = statistics.median(
+        p / s for p, s in zip(results["pipeline"], results["sequential"], strict=True)
+    )
+    print(f"pipeline vs detect.py-style: {speedup:.2f}x")
+    verdict = "meets" if ratios["pipeline"] >= 0.95 else "MISSES"
+    print(f"target pipeline >= 95% of raw inference: {verdict} ({ratios['pipeline']:.1%})")
+
+    print()
+    memory = daemon_memory(args.model, args.video, args.rss_frames, args.threads)
+    print(
+        f"daemon RSS over {memory['frames']} frames ({memory['seconds']:.0f} s): peak "
+        f"{memory['peak_mb']:.0f} MB, after warm-up {memory['early_mb']:.0f} MB, at the end "
+        f"{memory['late_mb']:.0f} MB (growth {memory['late_mb'] - memory['early_mb']:+.1f} MB); "
+        f"target <= 250 MB: {'meets' if memory['peak_mb'] <= 250 else 'MISSES'}"
+    )
+
+
+if __name__ == "__main__":
+    main()
