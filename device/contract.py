@@ -50,6 +50,12 @@ class Quantization(BaseModel):
     calibration_samples: int = 0
     seed: int = 0
     float_nodes: list[str] = Field(default_factory=list)
+    op_types: list[str] = Field(default_factory=list, description="quantized op types; all")
+    float_first_conv: bool = False
+    float_head_convs: bool = False
+    float_layers: list[str] = Field(
+        default_factory=list, description="layers the fidelity-budget search kept in float"
+    )
 
 
 class Source(BaseModel):

@@ -1,0 +1,355 @@
+"""``toolkit quantize``: write INT8 variants of an FP32 YOLOv5 ONNX model and prove them.
+
+The run reads as its stages: check the request, load the model, draw calibration and held-out
+samples, quantize each requested variant (searching for the fewest float layers that fit the
+fidelity budget), measure every variant against FP32 on the held-out samples, write the report.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from device.contract import ModelInfo
+from device.errors import ToolkitError
+from device.preprocess import preprocess
+from toolkit import calibrate, evaluate, quantize
+from toolkit.calibrate import Sample
+from toolkit.evaluate import ImageBoxes
+from toolkit.report import ProofReport, VariantRow, host_description, write_report
+
+log = logging.getLogger(__name__)
+
+MODES = ("static", "dynamic")
+AGREEMENT_IOU = 0.5
+AGREEMENT_CONF = 0.25
+SEARCH_SAMPLES = 48  # calibration frames the budget search measures on
+RANKING_SAMPLES = 6  # frames for the per-layer error (all activations are kept in memory)
+
+
+@dataclass
+class QuantizeRequest:
+    """What the user asked for; checked once by ``check_request`` before any work."""
+
+    model: Path
+    data: list[Path]
+    eval_data: list[Path] = field(default_factory=list)
+    modes: tuple[str, ...] = ("static",)
+    preset: str = "auto"
+    calibrate_method: str = "minmax"
+    quant_format: str = "QDQ"
+    per_channel: bool = True
+    samples: int = 128
+    eval_samples: int = 64
+    seed: int = 0
+    max_drop: float = 0.03
+    search: bool = True
+    latency_runs: int = 50
+    output_dir: Path | None = None
+
+
+@dataclass
+class Variant:
+    name: str
+    path: Path
+    info: ModelInfo
+    float_layers: list[str] = field(default_factory=list)
+
+
+def check_request(request: QuantizeRequest) -> None:
+    """Reject impossible option combinations up front, naming the values."""
+    problems = []
+    unknown = [m for m in request.modes if m not in MODES]
+    if unknown or not request.modes:
+        problems.append(f"--mode must be among {', '.join(MODES)}, got {list(request.modes)}")
+    if request.calibrate_method not in quantize.CALIBRATION_METHODS:
+        methods = ", ".join(quantize.CALIBRATION_METHODS)
+        problems.append(f"--method must be one of {methods}, got '{request.calibrate_method}'")
+    if request.quant_format not in ("QDQ", "QOperator"):
+        problems.append(f"--format must be QDQ or QOperator, got '{request.quant_format}'")
+    if request.preset != "auto" and request.preset not in quantize.PRESETS:
+        problems.append(
+            f"--preset must be auto or one of {', '.join(quantize.PRESETS)}, got '{request.preset}'"
+        )
+    if not request.data and not request.eval_data:
+        problems.append("--data is required: real images, a video or a YOLO dataset")
+    if "static" in request.modes and not request.data:
+        problems.append("static INT8 needs calibration images: pass --data")
+    if request.samples < 1:
+        problems.append(f"--samples must be at least 1, got {request.samples}")
+    if request.eval_samples < 1:
+        problems.append(f"--eval-samples must be at least 1, got {request.eval_samples}")
+    if not 0.0 <= request.max_drop < 1.0:
+        problems.append(f"--max-drop must be within 0..1, got {request.max_drop}")
+    if request.latency_runs < 1:
+        problems.append(f"--latency-runs must be at least 1, got {request.latency_runs}")
+    if problems:
+        raise ToolkitError("Invalid quantize options: " + "; ".join(problems) + ".")
+
+
+def output_paths(request: QuantizeRequest, preset_name: str) -> dict[str, Path]:
+    folder = request.output_dir or request.model.parent
+    stem = request.model.stem
+    return {
+        "static": folder / f"{stem}-int8-{preset_name}.onnx",
+        "dynamic": folder / f"{stem}-int8-dynamic.onnx",
+        "json": folder / f"{stem}-int8-report.json",
+        "markdown": folder / f"{stem}-int8-report.md",
+    }
+
+
+def quantize_and_prove(request: QuantizeRequest) -> ProofReport:
+    """The whole ``toolkit quantize`` run; returns the report it also wrote."""
+    check_request(request)
+    model, info = quantize.load_fp32_model(request.model)
+    tail = quantize.find_detect_tail(model, info)
+    preset = quantize.resolve_preset(request.preset)
+    paths = output_paths(request, preset.name)
+    warnings: list[str] = []
+
+    calibration, held_out, labelled = draw_samples(request, info, warnings)
+    fp32_held = _detections(request.model, held_out)
+
+    variants: list[Variant] = []
+    search_steps: list[dict] = []
+    if "static" in request.modes:
+        recipe = quantize.Recipe(
+            preset=preset,
+            calibrate_method=request.calibrate_method,
+            quant_format=request.quant_format,
+            per_channel=request.per_channel,
+        )
+        variant, search_steps = make_static(
+            request, model, info, tail, recipe, calibration, paths["static"]
+        )
+        variants.append(variant)
+    if "dynamic" in request.modes:
+        dynamic_info = quantize.dynamic_quantize(request.model, paths["dynamic"], info)
+        variants.append(Variant("INT8 dynamic", paths["dynamic"], dynamic_info))
+
+    report = prove(request, info, variants, held_out, fp32_held, labelled)
+    report.calibration = {
+        "count": len(calibration),
+        "sources": [str(p) for p in request.data],
+        "seed": request.seed,
+        "method": request.calibrate_method,
+    }
+    report.search = search_steps
+    report.warnings = warnings
+    write_report(report, paths["json"], paths["markdown"])
+    log.info("Wrote %s and %s", paths["json"], paths["markdown"])
+    return report
+
+
+def draw_samples(
+    request: QuantizeRequest, info: ModelInfo, warnings: list[str]
+) -> tuple[list[Sample], list[Sample], bool]:
+    """Calibration samples and disjoint held-out samples; whether the held-out are labelled."""
+    sources = [calibrate.open_source(p) for p in request.data]
+    eval_sources = [calibrate.open_source(p) for p in request.eval_data]
+
+    if eval_sources:
+        calibration, _ = calibrate.sample_split(sources, request.samples, 0, seed=request.seed)
+        held_out, _ = calibrate.sample_split(
+            eval_sources, request.eval_samples, 0, seed=request.seed
+        )
+    else:
+        total = sum(len(s) for s in sources)
+        # A small folder still keeps a quarter of itself out of calibration for the proof.
+        held_count = min(request.eval_samples, max(1, total // 4))
+        calibration_count = min(request.samples, max(total - held_count, 0))
+        calibration, held_out = calibrate.sample_split(
+            sources, calibration_count, held_count, seed=request.seed
+        )
+        eval_sources = sources
+
+    if "static" in request.modes and not calibration:
+        raise ToolkitError(
+            f"Found only {sum(len(s) for s in sources)} image(s) in {request.data}: none left "
+            "for calibration after holding some out. Add images or pass --eval-data."
+        )
+    if not held_out:
+        raise ToolkitError("No held-out images to prove the models on. Pass --eval-data.")
+    if "static" in request.modes and len(calibration) < quantize.MIN_CALIBRATION_SAMPLES:
+        message = (
+            f"Only {len(calibration)} calibration images; at least "
+            f"{quantize.MIN_CALIBRATION_SAMPLES} real frames give ranges that hold up. "
+            "Expect a larger accuracy drop."
+        )
+        log.warning(message)
+        warnings.append(message)
+
+    labelled = all(s.labelled for s in eval_sources)
+    if labelled:
+        for source in eval_sources:
+            calibrate.check_labels_fit(held_out, info, source.path)
+    log.info(
+        "Calibration: %d samples; held-out: %d samples%s",
+        len(calibration),
+        len(held_out),
+        " with labels" if labelled else "",
+    )
+    return calibration, held_out, labelled
+
+
+def make_static(
+    request: QuantizeRequest,
+    model,
+    info: ModelInfo,
+    tail: quantize.DetectTail,
+    recipe: quantize.Recipe,
+    calibration: list[Sample],
+    output_path: Path,
+) -> tuple[Variant, list[dict]]:
+    """Quantize, then keep the fewest worst layers float until the budget holds."""
+    groups = quantize.layer_groups(model, tail)
+    base_float = quantize.float_nodes_for(recipe, tail, groups)
+    name = f"INT8 static ({recipe.preset.name})"
+
+    with tempfile.TemporaryDirectory(prefix="toolkit-quantize.") as folder:
+        cache = Path(folder) / "calibration.json"
+        info_out = quantize.static_quantize(
+            request.model, output_path, calibration, info, recipe,
+            float_nodes=base_float, seed=request.seed, calibration_cache=cache,
+        )  # fmt: skip
+        if not request.search:
+            return Variant(name, output_path, info_out), []
+
+        search_set = calibration[:SEARCH_SAMPLES]
+        fp32_search = [d.above(AGREEMENT_CONF) for d in _detections(request.model, search_set)]
+        baseline = _fidelity(output_path, search_set, fp32_search)
+        if baseline.within(request.max_drop):
+            log.info("Static INT8 is within budget with no extra float layers")
+            return Variant(name, output_path, info_out), [_step([], baseline)]
+
+        ranking = quantize.rank_layers(
+            request.model, output_path, calibration[:RANKING_SAMPLES], info, groups
+        )
+        trial_path = Path(folder) / "trial.onnx"
+
+        def evaluate_layers(layers: list[str]) -> quantize.Fidelity:
+            if not layers:
+                return baseline
+            extra = [node for layer in layers for node in groups[layer]]
+            quantize.static_quantize(
+                request.model, trial_path, calibration, info, recipe,
+                float_nodes=base_float + extra, seed=request.seed, calibration_cache=cache,
+            )  # fmt: skip
+            return _fidelity(trial_path, search_set, fp32_search)
+
+        result = quantize.search_float_layers(ranking, evaluate_layers, request.max_drop)
+        extra = [node for layer in result.chosen for node in groups[layer]]
+        info_out = quantize.static_quantize(
+            request.model, output_path, calibration, info, recipe,
+            float_nodes=base_float + extra, seed=request.seed, calibration_cache=cache,
+        )  # fmt: skip
+        info_out.quantization.float_layers = list(result.chosen)  # type: ignore[union-attr]
+        quantize._write_metadata(output_path, info_out)
+        steps = [_step(s.float_layers, s.fidelity) for s in result.steps]
+        return Variant(name, output_path, info_out, list(result.chosen)), steps
+
+
+def _step(layers: list[str], fidelity: quantize.Fidelity) -> dict:
+    return {"count": len(layers), "layers": layers, **asdict(fidelity)}
+
+
+def _fidelity(
+    model_path: Path, samples: list[Sample], reference: list[ImageBoxes]
+) -> quantize.Fidelity:
+    candidate = evaluate.detect_samples(
+        model_path, [s.image for s in samples], conf_threshold=AGREEMENT_CONF
+    )
+    result = evaluate.agreement(reference, candidate, AGREEMENT_IOU)
+    return quantize.Fidelity(result.recall, result.precision)
+
+
+def _detections(model_path: Path, samples: list[Sample]) -> list[ImageBoxes]:
+    return evaluate.detect_samples(
+        model_path, [s.image for s in samples], conf_threshold=evaluate.MAP_CONF_THRESHOLD
+    )
+
+
+def prove(
+    request: QuantizeRequest,
+    info: ModelInfo,
+    variants: list[Variant],
+    held_out: list[Sample],
+    fp32_detections: list[ImageBoxes],
+    labelled: bool,
+) -> ProofReport:
+    """Size, latency, agreement with FP32 and (with labels) true mAP of every model."""
+    models = [Variant("FP32", request.model, info), *variants]
+    tensor, _ = preprocess(held_out[0].image, info)
+    latencies = evaluate.measure_latency(
+        [m.path for m in models], tensor, runs=request.latency_runs
+    )
+    reference = [d.above(AGREEMENT_CONF) for d in fp32_detections]
+    truth = [s.labels for s in held_out] if labelled else None
+
+    rows = []
+    for model, (median, p95) in zip(models, latencies, strict=True):
+        detections = (
+            fp32_detections if model.path == request.model else _detections(model.path, held_out)
+        )
+        rows.append(
+            _row(model, detections, reference, truth, median, p95, latencies[0][0], request)
+        )
+    return ProofReport(
+        model=str(request.model),
+        host=host_description(),
+        settings={
+            "iou_threshold": AGREEMENT_IOU,
+            "conf_threshold": AGREEMENT_CONF,
+            "max_drop": request.max_drop,
+            "latency_runs": request.latency_runs,
+            "preset": request.preset,
+        },
+        held_out={
+            "count": len(held_out),
+            "sources": [str(p) for p in (request.eval_data or request.data)],
+            "labelled": labelled,
+            "names": [s.name for s in held_out],
+        },
+        calibration={},
+        variants=rows,
+    )
+
+
+def _row(
+    model: Variant,
+    detections: list[ImageBoxes],
+    reference: list[ImageBoxes],
+    truth: list[ImageBoxes] | None,
+    median: float,
+    p95: float,
+    fp32_median: float,
+    request: QuantizeRequest,
+) -> VariantRow:
+    confident = [d.above(AGREEMENT_CONF) for d in detections]
+    agreement = evaluate.agreement(reference, confident, AGREEMENT_IOU)
+    map50_vs_fp32 = evaluate.mean_average_precision(reference, detections)
+    row = VariantRow(
+        name=model.name,
+        path=str(model.path),
+        size_bytes=model.path.stat().st_size,
+        latency_median_ms=median,
+        latency_p95_ms=p95,
+        speedup=fp32_median / median if median else math.nan,
+        recall=agreement.recall,
+        precision=agreement.precision,
+        map50_vs_fp32=map50_vs_fp32,
+        detections=agreement.candidate,
+        float_layers=model.float_layers,
+        recipe=model.info.quantization.model_dump() if model.info.quantization else {},
+    )
+    if truth is not None:
+        row.map50 = evaluate.mean_average_precision(truth, detections)
+        row.map50_95 = evaluate.mean_average_precision(
+            truth, detections, evaluate.COCO_IOU_THRESHOLDS
+        )
+    if model.info.quantization is not None:
+        row.within_budget = quantize.Fidelity(row.recall, row.precision).within(request.max_drop)
+    return row
