@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import sys
+from pathlib import Path
+from typing import Annotated
 
 import typer
 
@@ -28,6 +30,97 @@ def _configure(
         format="%(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+
+
+@app.command("export")
+def export_command(
+    weights: Annotated[
+        str | None,
+        typer.Option(
+            "--weights",
+            "-w",
+            help="YOLOv5 .pt checkpoint, or an official name (yolov5n.pt ... yolov5x.pt) to "
+            "download. Default: the demo model in models/demo/.",
+        ),
+    ] = None,
+    output: Annotated[
+        Path | None,
+        typer.Option("--output", "-o", help="ONNX file to write. Default: <weights name>.onnx."),
+    ] = None,
+    imgsz: Annotated[
+        str, typer.Option("--imgsz", "--img-size", help="Input size: 640, or height,width.")
+    ] = "640",
+    batch_size: Annotated[
+        int, typer.Option("--batch-size", "--batch", help="Batch size of the input.")
+    ] = 1,
+    opset: Annotated[
+        int, typer.Option("--opset", help="ONNX opset, 11..20 (17 loads in onnxruntime 1.14+).")
+    ] = 17,
+    dynamic: Annotated[
+        bool, typer.Option("--dynamic", help="Variable batch size and input size.")
+    ] = False,
+    dynamic_batch: Annotated[
+        bool, typer.Option("--dynamic-batch", help="Variable batch size.")
+    ] = False,
+    dynamic_size: Annotated[
+        bool, typer.Option("--dynamic-size", help="Variable input height and width.")
+    ] = False,
+    simplify: Annotated[
+        bool, typer.Option("--simplify/--no-simplify", help="Simplify the graph with onnxslim.")
+    ] = True,
+    half: Annotated[
+        bool, typer.Option("--half", help="FP16 inside; input and output stay float32.")
+    ] = False,
+    verify_image: Annotated[
+        Path | None,
+        typer.Option("--verify-image", help="Image to prove the export on. Default: synthetic."),
+    ] = None,
+    download_url: Annotated[
+        str | None,
+        typer.Option(
+            "--download-url",
+            envvar="EDGE_YOLO_WEIGHTS_URL",
+            help="Base URL to download official weights from (a mirror).",
+        ),
+    ] = None,
+) -> None:
+    """Export a YOLOv5 checkpoint to ONNX and prove it against PyTorch.
+
+    Input 'images' (N,3,H,W float32 RGB 0..1), output 'output0' (N, anchors, 5 + classes).
+
+    Names, strides and preprocessing go into the ONNX metadata.
+
+    The file is written only after onnxruntime reproduces PyTorch on an image.
+
+    Examples:
+
+      toolkit export --weights yolov5n.pt
+
+      toolkit export -w best.pt -o best.onnx --verify-image bus.jpg
+
+      toolkit export -w best.pt --imgsz 384,640 --dynamic-batch --half
+    """
+    from toolkit import export
+    from toolkit.download import default_weights
+
+    options = export.ExportOptions(
+        imgsz=export.parse_imgsz(imgsz),
+        batch_size=batch_size,
+        opset=opset,
+        dynamic_batch=dynamic or dynamic_batch,
+        dynamic_size=dynamic or dynamic_size,
+        simplify=simplify,
+        half=half,
+    )
+    export.check_options(options)
+    result = export.run_export(
+        weights or default_weights(),
+        output,
+        options,
+        verify_image=verify_image,
+        download_url=download_url,
+    )
+    typer.echo(export.describe(result))
 
 
 def main() -> None:

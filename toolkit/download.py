@@ -27,6 +27,7 @@ OFFICIAL_BASE_URL = "https://github.com/ultralytics/yolov5/releases/download/v7.
 BASE_URL_ENV = "EDGE_YOLO_WEIGHTS_URL"
 CACHE_ENV = "EDGE_YOLO_CACHE"
 TIMEOUT_SECONDS = 30.0
+DEMO_WEIGHTS = Path(__file__).resolve().parents[1] / "models" / "demo" / "shapes-yolov5n.pt"
 _CHUNK = 1 << 16
 
 # sha256 of the v7.0 release assets. yolov5n.pt was checked against the file itself; the
@@ -38,6 +39,22 @@ OFFICIAL_SHA256 = {
     "yolov5l.pt": "2f603b7354c25454d1270663a14d8ddc1eea98e5eebc1d84ce0c6e3150fa155f",
     "yolov5x.pt": "9f27a794fa0308e2606f90565164571d6f0a0ba18a3ce2e5e5d323b71c157859",
 }
+
+
+def default_weights() -> Path:
+    """The demo model shipped in ``models/demo/``, used when no ``--weights`` is given."""
+    if DEMO_WEIGHTS.is_file():
+        log.info(
+            "No --weights given: using the demo model %s (a small detector of synthetic "
+            "shapes). Pass --weights for your own checkpoint or an official name like "
+            "yolov5n.pt.",
+            DEMO_WEIGHTS,
+        )
+        return DEMO_WEIGHTS
+    raise ToolkitError(
+        f"No --weights given and the demo model {DEMO_WEIGHTS} is not there. Pass --weights "
+        "with a YOLOv5 .pt checkpoint, or an official name such as yolov5n.pt to download it."
+    )
 
 
 def cache_dir() -> Path:

@@ -73,6 +73,7 @@ class ExportResult:
     path: Path
     info: ModelInfo
     verification: object = None  # toolkit.verify.VerifyReport
+    num_anchors: int = 3  # per cell
     timings: dict[str, float] = field(default_factory=dict)
 
 
@@ -308,6 +309,7 @@ def export_model(
     simplify: bool = True,
     half: bool = False,
     verify_image: str | Path | None = None,
+    download_url: str | None = None,
 ) -> Path:
     """Export a YOLOv5 checkpoint to a proven ONNX file and return its path.
 
@@ -327,6 +329,7 @@ def export_model(
             half=half,
         ),
         verify_image=verify_image,
+        download_url=download_url,
     )
     return result.path
 
@@ -337,6 +340,7 @@ def run_export(
     options: ExportOptions,
     *,
     verify_image: str | Path | None = None,
+    download_url: str | None = None,
 ) -> ExportResult:
     """The export stages in order; see :func:`export_model`."""
     from toolkit.download import resolve_weights
@@ -345,7 +349,7 @@ def run_export(
     timings: dict[str, float] = {}
     check_options(options)
     target = prepare_output(Path(output) if output else default_output(Path(weights), options))
-    weights_path = resolve_weights(weights)
+    weights_path = resolve_weights(weights, url=download_url)
 
     started = time.perf_counter()
     model, checkpoint = load_model(weights_path)
@@ -363,4 +367,32 @@ def run_export(
         timings["verify"] = time.perf_counter() - started
 
         publish(draft, target)
-    return ExportResult(path=target, info=info, verification=report, timings=timings)
+    return ExportResult(
+        path=target,
+        info=info,
+        verification=report,
+        num_anchors=model.detect.na,
+        timings=timings,
+    )
+
+
+def describe(result: ExportResult) -> str:
+    """A short human summary: what was written, how it was proven, how long it took."""
+    info = result.info
+    batch = "N" if info.dynamic_batch else str(info.batch_size)
+    size = "HxW" if info.dynamic_size else "x".join(map(str, info.input_size))
+    rows = "anchors"
+    if not info.dynamic_size:
+        cells = sum(info.input_size[0] // s * (info.input_size[1] // s) for s in info.strides)
+        rows = str(cells * result.num_anchors)
+    lines = [
+        f"Exported {info.source.file or 'model'} -> {result.path} "
+        f"({result.path.stat().st_size / 1e6:.1f} MB, {info.precision}, opset {info.opset}, "
+        f"images {batch}x3x{size} -> output0 {batch}x{rows}x{5 + info.num_classes}, "
+        f"{info.num_classes} classes)",
+    ]
+    if result.verification is not None:
+        lines.append(f"Verified: {result.verification.summary()}")
+    if result.timings:
+        lines.append("Time: " + ", ".join(f"{k} {v:.1f} s" for k, v in result.timings.items()))
+    return "\n".join(lines)

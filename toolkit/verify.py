@@ -97,7 +97,7 @@ def verify_onnx(
             f"Verification failed, so no model was written: {report.summary()}. "
             "Try another --opset or --no-simplify, and report the problem if it persists."
         )
-    log.info("%s", report.summary())
+    log.debug("%s", report.summary())
     return report
 
 
