@@ -123,6 +123,10 @@ def export_command(
     typer.echo(export.describe(result))
 
 
+# bundle, deploy and status live in their own module and register themselves on ``app``.
+from toolkit import cli_deploy  # noqa: E402, F401
+
+
 def main() -> None:
     """Entry point: run the app, turning ToolkitError into a message and an exit code."""
     try:
