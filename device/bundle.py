@@ -119,6 +119,12 @@ def find_bundle_root(config_path: Path) -> Path | None:
     return folder if Path(config_path).name in listed else None
 
 
+def verify_if_bundled(config_path: Path) -> VerifiedBundle | None:
+    """Before a daemon loads a config that belongs to a bundle, refuse a damaged bundle."""
+    root = find_bundle_root(config_path)
+    return verify_bundle(root) if root is not None else None
+
+
 def _check_file(root: Path, name: str, expected: dict) -> str:
     relative = PurePosixPath(name)
     if relative.is_absolute() or ".." in relative.parts:
