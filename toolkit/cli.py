@@ -83,6 +83,25 @@ def export_command(
             help="Base URL to download official weights from (a mirror).",
         ),
     ] = None,
+    quantize: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--quantize", "-q", help="Also write INT8: static and/or dynamic. Repeatable."
+        ),
+    ] = None,
+    calib_data: Annotated[
+        list[Path] | None,
+        typer.Option("--calib-data", help="Calibration images, video or YOLO dataset."),
+    ] = None,
+    preset: Annotated[
+        str, typer.Option("--preset", help="INT8 target: auto, x86, x86-vnni, arm64.")
+    ] = "auto",
+    max_drop: Annotated[
+        float, typer.Option("--max-drop", help="Allowed INT8 recall/precision loss vs FP32.")
+    ] = 0.03,
+    strict: Annotated[
+        bool, typer.Option("--strict", help="Fail when an INT8 variant is outside the budget.")
+    ] = False,
 ) -> None:
     """Export a YOLOv5 checkpoint to ONNX and prove it against PyTorch.
 
@@ -99,6 +118,8 @@ def export_command(
       toolkit export -w best.pt -o best.onnx --verify-image bus.jpg
 
       toolkit export -w best.pt --imgsz 384,640 --dynamic-batch --half
+
+      toolkit export -w best.pt --quantize static --calib-data frames/
     """
     from toolkit import export
     from toolkit.download import default_weights
@@ -113,6 +134,8 @@ def export_command(
         half=half,
     )
     export.check_options(options)
+    if quantize and not calib_data:
+        raise ToolkitError("--quantize needs --calib-data: real images, a video or a dataset.")
     result = export.run_export(
         weights or default_weights(),
         output,
@@ -121,10 +144,16 @@ def export_command(
         download_url=download_url,
     )
     typer.echo(export.describe(result))
+    if quantize:
+        from toolkit.cli_quantize import quantize_after_export
+
+        quantize_after_export(
+            result.path, quantize, calib_data, preset=preset, max_drop=max_drop, strict=strict
+        )
 
 
 # bundle, deploy and status live in their own module and register themselves on ``app``.
-from toolkit import cli_deploy  # noqa: E402, F401
+from toolkit import cli_deploy, cli_quantize  # noqa: E402, F401
 
 
 def main() -> None:

@@ -41,7 +41,7 @@ class QuantizeRequest:
     preset: str = "auto"
     calibrate_method: str = "minmax"
     quant_format: str = "QDQ"
-    per_channel: bool = True
+    per_channel: bool | None = None  # None: the preset's choice
     samples: int = 128
     eval_samples: int = 64
     seed: int = 0
@@ -116,8 +116,8 @@ def quantize_and_prove(request: QuantizeRequest) -> ProofReport:
     variants: list[Variant] = []
     search_steps: list[dict] = []
     if "static" in request.modes:
-        recipe = quantize.Recipe(
-            preset=preset,
+        recipe = quantize.preset_recipe(
+            preset,
             calibrate_method=request.calibrate_method,
             quant_format=request.quant_format,
             per_channel=request.per_channel,

@@ -71,6 +71,11 @@ class Preset:
     weight_type: str
     reduce_range: bool
     description: str
+    # The measured winner on the target: which op types, and which layers start out float.
+    op_types: tuple[str, ...] | None = None
+    float_first_conv: bool = False
+    float_head_convs: bool = False
+    per_channel: bool = True
 
 
 PRESETS = {
@@ -114,6 +119,18 @@ class Recipe:
     float_first_conv: bool = False  # the input layer sees raw pixels; cheap to keep float
     float_head_convs: bool = False  # the heads' last Convs feed the float tail directly
     percentile: float = 99.999
+
+
+def preset_recipe(preset: Preset, **overrides) -> Recipe:
+    """The preset's recipe, with any option the user set explicitly."""
+    recipe = Recipe(
+        preset=preset,
+        per_channel=preset.per_channel,
+        op_types=preset.op_types,
+        float_first_conv=preset.float_first_conv,
+        float_head_convs=preset.float_head_convs,
+    )
+    return replace(recipe, **{k: v for k, v in overrides.items() if v is not None})
 
 
 def host_preset() -> str:
@@ -573,7 +590,3 @@ def search_float_layers(
         else:
             low = middle
     return SearchResult(list(ranking), steps, names[:high], True)
-
-
-def with_float_layers(recipe: Recipe, **changes) -> Recipe:
-    return replace(recipe, **changes)
