@@ -31,7 +31,10 @@ class ReconnectPolicy(_Strict):
         1.0, gt=0, le=60, description="wait before the first reconnect attempt"
     )
     max_delay_s: float = Field(
-        10.0, gt=0, le=600, description="longest wait between attempts; waits double up to it"
+        5.0, gt=0, le=600, description="longest wait between attempts; waits double up to it"
+    )
+    backoff_factor: float = Field(
+        2.0, ge=1, le=10, description="each failed attempt multiplies the wait by this"
     )
     max_attempts: int = Field(
         0, ge=0, description="failed attempts in a row before giving up (FAILED); 0 never gives up"

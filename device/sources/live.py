@@ -202,7 +202,7 @@ class LiveSource(FrameSource):
             if self.policy.max_attempts and self.reconnect_attempts >= self.policy.max_attempts:
                 self._give_up()
                 return False
-            delay = min(delay * 2, self.policy.max_delay_s)
+            delay = min(delay * self.policy.backoff_factor, self.policy.max_delay_s)
         return False
 
     def _give_up(self) -> None:

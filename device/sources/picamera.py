@@ -23,6 +23,13 @@ from device.sources.live import LiveSource, SourceLost
 log = logging.getLogger(__name__)
 
 _YUV_TO_BGR = {"YUV420": cv2.COLOR_YUV2BGR_I420, "YVU420": cv2.COLOR_YUV2BGR_YV12}
+# Channels per pixel, and the conversion from the array's byte order to B,G,R.
+_RGB_TO_BGR = {
+    "RGB888": (3, None),  # bytes B,G,R already
+    "BGR888": (3, cv2.COLOR_RGB2BGR),  # bytes R,G,B
+    "XRGB8888": (4, cv2.COLOR_BGRA2BGR),  # bytes B,G,R,A
+    "XBGR8888": (4, cv2.COLOR_RGBA2BGR),  # bytes R,G,B,A
+}
 
 
 def import_picamera2():
@@ -60,16 +67,13 @@ def picamera_array_to_bgr(array: np.ndarray, fmt: str, width: int, height: int) 
     cropping any stride padding."""
     if fmt in _YUV_TO_BGR:
         return cv2.cvtColor(_packed_yuv420(array, width, height), _YUV_TO_BGR[fmt])
-    if array.ndim != 3 or array.shape[2] not in (3, 4):
-        raise SourceLost(f"expected a (h, w, 3 or 4) array for {fmt}, got shape {array.shape}")
-    array = array[:height, :width]
-    if fmt == "RGB888" or fmt == "XRGB8888":
-        bgr = array[:, :, :3]  # bytes already B,G,R(,A)
-    elif fmt == "BGR888" or fmt == "XBGR8888":
-        bgr = array[:, :, 2::-1]  # bytes R,G,B(,A)
-    else:
+    channels, to_bgr = _RGB_TO_BGR.get(fmt, (0, None))
+    if not channels:
         raise SourceLost(f"unsupported picamera2 format {fmt}")
-    return np.ascontiguousarray(bgr)
+    if array.ndim != 3 or array.shape[2] != channels:
+        raise SourceLost(f"expected a (h, w, {channels}) array for {fmt}, got {array.shape}")
+    array = np.ascontiguousarray(array[:height, :width])
+    return array if to_bgr is None else cv2.cvtColor(array, to_bgr)
 
 
 def _packed_yuv420(array: np.ndarray, width: int, height: int) -> np.ndarray:
