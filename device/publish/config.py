@@ -2,7 +2,31 @@
 
 Every model rejects unknown keys, and every field has a default, bounds where a number can be
 wrong, and one line of description. The daemon's config (device/config.py) embeds them under
-``outputs`` and hands each to its sink's constructor.
+``outputs`` and hands each to its sink's constructor. For example::
+
+    outputs:
+      mqtt:
+        enabled: true
+        host: broker.lan
+        port: 8883
+        topic_prefix: garage_cam
+        username: cam
+        password_env: EDGE_MQTT_PASSWORD
+        tls: {ca_file: /etc/ssl/certs/lan-ca.pem}
+        events: {labels: [person, car], min_frames: 3, end_after: 5}
+        detections: with_objects
+        detections_interval: 1.0
+      http:
+        enabled: true
+        host: 0.0.0.0
+        port: 8080
+        token_env: EDGE_HTTP_TOKEN
+      snapshots:
+        enabled: true
+        directory: /var/lib/edge-yolo/snapshots
+        labels: [person]
+        min_interval: 10
+        max_megabytes: 200
 """
 
 from __future__ import annotations
