@@ -121,8 +121,11 @@ class OutputsConfig(_Section):
 class DaemonConfig(_Section):
     """Everything ``toolkit-device run`` needs."""
 
-    model: ModelConfig
-    source: SourceConfig
+    model: ModelConfig = Field(description="the ONNX model, e.g. model: {path: yolov5n.onnx}")
+    source: SourceConfig = Field(
+        description="where frames come from, e.g. source: {type: usb, device: /dev/video0}; "
+        "type is one of picamera, usb, stream, file, folder"
+    )
     detect: DetectConfig = Field(default_factory=DetectConfig)
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
     outputs: OutputsConfig = Field(default_factory=OutputsConfig)

@@ -53,8 +53,8 @@ class Daemon:
     def run(self) -> int:
         """Run until done; return the process exit code.  Raises ToolkitError for setup
         problems (model, source, outputs) before any frame is processed."""
-        self._install_signal_handlers()
         with ExitStack() as resources:
+            self._install_signal_handlers(resources)
             resources.callback(self._announce_stop)
             detector = resources.enter_context(self._load_detector())
             sinks = self._start_sinks(resources)
@@ -226,11 +226,12 @@ class Daemon:
 
     # Signals
 
-    def _install_signal_handlers(self) -> None:
+    def _install_signal_handlers(self, resources: ExitStack) -> None:
+        """Handle SIGTERM and SIGINT for this run; the previous handlers come back after it."""
         if threading.current_thread() is not threading.main_thread():
             return  # only the main thread may set handlers; the caller stops us instead
         for signum in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(signum, self._on_signal)
+            resources.callback(signal.signal, signum, signal.signal(signum, self._on_signal))
 
     def _on_signal(self, signum: int, frame) -> None:
         name = signal.Signals(signum).name

@@ -1,0 +1,202 @@
+"""The daemon end to end: real video decoding, real onnxruntime sessions, real signals and a
+real notify socket.  Bounded by --max-frames or a signal; every wait has a deadline."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from device.config import load_config
+from device.daemon import Daemon
+from device.sdnotify import Notifier
+from tests.conftest import realdata_file
+from tests.constant_model import write_constant_model
+
+REPO = Path(__file__).resolve().parent.parent
+NAMES = ["person", "car"]
+# cx, cy, w, h, obj, person, car in 640x640 input pixels: a person and a car.
+ROWS = [[320, 320, 64, 128, 0.9, 0.9, 0.1], [100, 300, 80, 40, 0.8, 0.0, 1.0]]
+
+
+@pytest.fixture
+def constant_model(tmp_path):
+    return write_constant_model(tmp_path / "constant.onnx", ROWS, NAMES)
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for index in range(3):
+        image = np.full((432, 768, 3), 40 * index, dtype=np.uint8)
+        cv2.imwrite(str(folder / f"{index:03d}.png"), image)
+    return folder
+
+
+@pytest.fixture
+def notify_socket(tmp_path):
+    path = tmp_path / "notify.sock"
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    server.bind(str(path))
+    server.settimeout(0.2)
+    yield path, server
+    server.close()
+
+
+def drain(server: socket.socket) -> list[str]:
+    lines = []
+    while True:
+        try:
+            lines += server.recv(4096).decode().split("\n")
+        except TimeoutError:
+            return lines
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    text = path.read_text()
+    assert text == "" or text.endswith("\n"), "last line was cut off"
+    return [json.loads(line) for line in text.splitlines()]
+
+
+def daemon_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "device.cli", "run", *args]
+
+
+def test_daemon_runs_a_folder_to_the_end_and_writes_exact_results(
+    tmp_path, constant_model, image_folder, notify_socket
+):
+    path, server = notify_socket
+    out = tmp_path / "out.jsonl"
+    config_file = tmp_path / "daemon.yaml"
+    config_file.write_text(
+        f"model: {{path: {constant_model}, intra_op_threads: 1}}\n"
+        f"source: {{type: folder, path: {image_folder}}}\n"
+        "detect: {conf: 0.5, class_conf: {car: 0.85}}\n"
+        f"outputs: {{jsonl: {{enabled: true, path: {out}}}}}\n"
+    )
+
+    daemon = Daemon(load_config(config_file), notifier=Notifier({"NOTIFY_SOCKET": str(path)}))
+    assert daemon.run() == 0
+
+    results = read_jsonl(out)
+    assert [r["frame"] for r in results] == [0, 1, 2]
+    assert all((r["width"], r["height"]) == (768, 432) for r in results)
+    # The car (0.8) misses its own 0.85 threshold; the person maps back through the letterbox.
+    assert results[0]["detections"] == [
+        {"label": "person", "class_id": 0, "score": 0.81, "box": [345.6, 139.2, 422.4, 292.8]}
+    ]
+    messages = drain(server)
+    assert "READY=1" in messages and "STOPPING=1" in messages
+    assert daemon.health.status()["state"] == "stopped"
+
+
+def test_sigint_stops_a_looping_source_cleanly(tmp_path, constant_model, image_folder):
+    out = tmp_path / "out.jsonl"
+    config_file = tmp_path / "daemon.yaml"
+    config_file.write_text(
+        f"model: {{path: {constant_model}, intra_op_threads: 1}}\n"
+        f"source: {{type: folder, path: {image_folder}, loop: true, fps: 50}}\n"
+        f"outputs: {{jsonl: {{enabled: true, path: {out}}}}}\n"
+    )
+    process = subprocess.Popen(
+        daemon_command(str(config_file)), cwd=REPO, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        wait_for_lines(out, 10, process)
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=30)
+    finally:
+        process.kill()
+
+    assert process.returncode == 0, stderr
+    assert "Stopping: received SIGINT" in stderr
+    assert "Source images closed" in stderr
+    results = read_jsonl(out)
+    assert len(results) >= 10
+    assert [r["frame"] for r in results] == list(range(len(results)))
+
+
+def wait_for_lines(path: Path, count: int, process: subprocess.Popen, timeout: float = 60):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"daemon exited early with {process.returncode}")
+        if path.exists() and path.read_text().count("\n") >= count:
+            return
+        time.sleep(0.05)
+    pytest.fail(f"fewer than {count} JSON lines after {timeout} s")
+
+
+@pytest.mark.realdata
+def test_daemon_finds_people_in_the_real_video(tmp_path, yolov5n_onnx):
+    video = realdata_file("video/one-by-one-person-detection.mp4")
+    out = tmp_path / "out.jsonl"
+    command = daemon_command(
+        "--model", str(yolov5n_onnx), "--source", str(video), "--max-frames", "90",
+        "--classes", "person", "--jsonl", str(out),
+    )  # fmt: skip
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+
+    assert result.returncode == 0, result.stderr
+    results = read_jsonl(out)
+    assert [r["frame"] for r in results] == list(range(90))  # a file: no frame skipped
+    detections = [d for r in results for d in r["detections"]]
+    frames_with_people = [r["frame"] for r in results if r["detections"]]
+    # The first person walks in at about frame 60 of this video.
+    assert len(frames_with_people) >= 20
+    assert min(frames_with_people) >= 40
+    assert {d["label"] for d in detections} == {"person"}
+    assert all(d["score"] >= 0.25 for d in detections)
+    for d in detections:
+        x1, y1, x2, y2 = d["box"]
+        assert 0 <= x1 < x2 <= 768 and 0 <= y1 < y2 <= 432
+    # A walking person is taller than wide.
+    tall = [d for d in detections if d["box"][3] - d["box"][1] > d["box"][2] - d["box"][0]]
+    assert len(tall) >= 0.8 * len(detections)
+    assert "reached --max-frames 90" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.realdata
+def test_sigterm_mid_stream_exits_0_with_systemd_notifications(
+    tmp_path, yolov5n_onnx, notify_socket
+):
+    video = realdata_file("video/one-by-one-person-detection.mp4")
+    path, server = notify_socket
+    out = tmp_path / "out.jsonl"
+    config_file = tmp_path / "daemon.yaml"
+    config_file.write_text(
+        f"model: {{path: {yolov5n_onnx}}}\n"
+        f"source: {{type: file, path: {video}, loop: true}}\n"
+        f"outputs: {{jsonl: {{enabled: true, path: {out}}}}}\n"
+    )
+    env = {**os.environ, "NOTIFY_SOCKET": str(path), "WATCHDOG_USEC": "1000000"}
+    process = subprocess.Popen(
+        daemon_command(str(config_file)), cwd=REPO, env=env, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        wait_for_lines(out, 15, process)
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=30)
+    finally:
+        process.kill()
+
+    assert process.returncode == 0, stderr
+    messages = drain(server)
+    assert messages[0] == "READY=1"
+    assert "WATCHDOG=1" in messages
+    assert "STOPPING=1" in messages
+    assert "Stopping: received SIGTERM" in stderr
+    assert "one-by-one-person-detection.mp4 closed" in stderr
+    results = read_jsonl(out)  # flushed and whole
+    assert len(results) >= 15
