@@ -23,7 +23,7 @@ import types
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -145,7 +145,11 @@ def _check_zip(path: Path) -> None:
     try:
         with zipfile.ZipFile(path) as archive:
             names = archive.namelist()
-    except (zipfile.BadZipFile, OSError) as exc:
+            pickles = [n for n in names if n.endswith("data.pkl")]
+            if pickles:
+                # torch does not check CRCs; a damaged pickle would parse as nonsense.
+                archive.read(pickles[0])
+    except (zipfile.BadZipFile, OSError, EOFError) as exc:
         raise ToolkitError(
             f"{path} is a truncated or corrupt zip archive ({exc}), so not a readable torch "
             "checkpoint. Download or copy the file again and compare its size and checksum."
@@ -240,7 +244,9 @@ def _describe(model: ModuleStub, root: Any, path: Path) -> Checkpoint:
     if not tensors:
         raise ToolkitError(f"{path}: the model holds no weights.")
 
-    dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in tensors.values()})
+    dtypes = sorted(
+        {str(t.dtype).removeprefix("torch.") for t in tensors.values() if t.is_floating_point()}
+    )
     names = _class_names(state.get("names"), int(architecture["nc"]), path)
     stride = state.get("stride")
     return Checkpoint(
@@ -359,11 +365,20 @@ def _check_stride(model: YoloV5, checkpoint: Checkpoint) -> None:
 
 
 def save_ultralytics_checkpoint(
-    model: YoloV5, path: str | Path, *, extra: dict[str, Any] | None = None, half: bool = True
+    model: YoloV5,
+    path: str | Path,
+    *,
+    extra: dict[str, Any] | None = None,
+    half: bool = True,
+    model_class: str = "DetectionModel",
 ) -> Path:
     """Save ``model`` as YOLOv5's train.py does: a dict whose ``model`` is the whole module,
     pickled under upstream's class names (``models.yolo.DetectionModel``, ``models.common.*``)
-    with fp16 weights, so that this loader and YOLOv5's own read it. Written atomically."""
+    with fp16 weights, so that this loader and YOLOv5's own read it. Written atomically.
+
+    ``model_class`` is ``DetectionModel`` (YOLOv5 v6.2+) or ``Model`` (older releases)."""
+    if model_class not in ("DetectionModel", "Model"):
+        raise ToolkitError(f"model_class must be DetectionModel or Model, got {model_class!r}.")
     path = Path(path)
     clone = _upstream_layout(model, half=half)
     payload: dict[str, Any] = {
@@ -380,7 +395,8 @@ def save_ultralytics_checkpoint(
     handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     os.close(handle)
     try:
-        torch.save(payload, name, pickle_module=_upstream_pickle, pickle_protocol=2)
+        names = {**_UPSTREAM_NAMES, YoloV5: ("models.yolo", model_class)}
+        torch.save(payload, name, pickle_module=_pickle_module(names), pickle_protocol=2)
         os.replace(name, path)
     finally:
         Path(name).unlink(missing_ok=True)
@@ -440,22 +456,27 @@ class _UpstreamPickler(pickle._Pickler):
     """Writes our modules under upstream's class names (pure-Python pickler: its
     ``save_global`` can be overridden)."""
 
+    names: ClassVar[dict[type, tuple[str, str]]] = _UPSTREAM_NAMES
+
     def reducer_override(self, obj: Any) -> Any:
-        if type(obj) in _UPSTREAM_NAMES:
+        if type(obj) in self.names:
             return (copyreg.__newobj__, (type(obj),), _upstream_state(obj))
         return NotImplemented
 
     def save_global(self, obj: Any, name: str | None = None) -> None:
-        if obj in _UPSTREAM_NAMES:
-            module, qualname = _UPSTREAM_NAMES[obj]
+        if obj in self.names:
+            module, qualname = self.names[obj]
             self.write(pickle.GLOBAL + f"{module}\n{qualname}\n".encode())
             self.memoize(obj)
             return
         super().save_global(obj, name)
 
 
-_upstream_pickle = types.ModuleType("upstream_pickle")
-_upstream_pickle.Pickler = _UpstreamPickler
+def _pickle_module(names: dict[type, tuple[str, str]]) -> types.ModuleType:
+    """A module object for ``torch.save(pickle_module=...)`` using ``names``."""
+    module = types.ModuleType("upstream_pickle")
+    module.Pickler = type("Pickler", (_UpstreamPickler,), {"names": names})
+    return module
 
 
 __all__ = [

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import http.client
 import logging
 import os
 import sys
@@ -129,7 +130,7 @@ def _fetch(url: str, sink, destination: Path) -> tuple[str, int]:
                     digest.update(chunk)
                     received += len(chunk)
                     advance(len(chunk))
-    except (urllib.error.URLError, OSError, ValueError) as exc:
+    except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as exc:
         raise ToolkitError(
             f"Could not download {url}: {_reason(exc)}. Without network access, put the "
             f"file at {destination} (or pass its path to --weights)."

@@ -144,7 +144,7 @@ def _refusal(module: str, name: str) -> RefusedGlobal:
         )
     else:
         why = (
-            f"Refusing to load: the checkpoint's pickle references '{qualname}', which is not "
+            f"Refusing to load: the checkpoint's pickle references {qualname!r}, which is not "
             "on the allow-list of tensor rebuilders and YOLOv5 layers. A YOLOv5 checkpoint "
             "never needs it; the file may be crafted to run code. Nothing was executed."
         )
