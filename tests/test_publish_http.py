@@ -213,6 +213,20 @@ def test_stream_clients_are_limited():
         status, headers, body = server.get("/api/stream.mjpg")
         assert status == 503 and headers["Retry-After"] == "5"
         assert "already serving 1 streams" in json.loads(body)["error"]
+
+        # A client that goes away frees its slot at the next frame it cannot be sent.
+        response.close()
+        first.close()
+        for index in range(1, 100):
+            server.sink.publish(result(index))
+            if server.sink.status()["stream_clients"] == 0:
+                break
+            time.sleep(0.05)
+        assert server.sink.status()["stream_clients"] == 0, "the slot of a gone client was kept"
+        second = http.client.HTTPConnection("127.0.0.1", server.sink.port, timeout=10)
+        second.request("GET", "/api/stream.mjpg")
+        assert second.getresponse().status == 200
+        second.close()
     finally:
         first.close()
         server.sink.close()
