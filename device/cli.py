@@ -198,6 +198,7 @@ def run_command(
     Exit codes: 0 done or stopped; 1 failure; 2 invalid configuration.
     """
     flags = {k: v for k, v in locals().items() if k != "config_file"}
+    from device.bundle import verify_if_bundled
     from device.config import load_config
     from device.daemon import Daemon
 
@@ -205,6 +206,8 @@ def run_command(
     overrides = run_overrides(**flags)
     if config_file is None and "model.path" not in overrides:
         raise ConfigError("Give a config file, or at least --model and --source.")
+    if config_file is not None:
+        verify_if_bundled(config_file)  # a bundled config runs only from an intact bundle
     config = load_config(config_file, overrides, flag_names=RUN_FLAGS)
     configure_logging("debug" if verbose else config.log_level)
 
@@ -262,6 +265,10 @@ def check_model_reference(config) -> None:
         )
     info = read_model_info(path)
     postprocess_config(config, info.names)
+
+
+# check and verify-bundle live in their own module and register themselves on ``app``.
+from device import cli_checks  # noqa: E402, F401
 
 
 def main() -> None:
