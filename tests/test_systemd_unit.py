@@ -1,4 +1,4 @@
-"""The generated unit: systemd's own verifier accepts it, and it holds what a camera daemon needs."""
+"""The generated unit: systemd-analyze accepts it, and it holds what a camera daemon needs."""
 
 from __future__ import annotations
 
