@@ -200,3 +200,67 @@ def test_sigterm_mid_stream_exits_0_with_systemd_notifications(
     assert "one-by-one-person-detection.mp4 closed" in stderr
     results = read_jsonl(out)  # flushed and whole
     assert len(results) >= 15
+
+
+def test_daemon_drives_mqtt_http_and_snapshots_and_says_offline_on_sigterm(
+    tmp_path, constant_model, image_folder, mqtt_broker, mqtt_prefix
+):
+    from tests.broker import MqttRecorder, free_port
+
+    http_port = free_port()
+    snapshots = tmp_path / "snaps"
+    recorder = MqttRecorder(mqtt_broker, f"{mqtt_prefix}/#")
+    # A looping folder, paced like a camera, so the daemon runs until it is told to stop.
+    config_file = tmp_path / "daemon.yaml"
+    config_file.write_text(
+        f"model: {{path: {constant_model}, intra_op_threads: 1}}\n"
+        f"source: {{type: folder, path: {image_folder}, loop: true, fps: 20}}\n"
+    )
+    command = daemon_command(
+        str(config_file), "--frame-policy", "every",
+        "--mqtt-host", mqtt_broker.host, "--mqtt-port", str(mqtt_broker.port),
+        "--mqtt-prefix", mqtt_prefix, "--http-port", str(http_port),
+        "--snapshots", str(snapshots),
+    )  # fmt: skip
+    process = subprocess.Popen(command, cwd=REPO, stderr=subprocess.PIPE, text=True)
+    try:
+        recorder.wait_for(
+            lambda m: m.topic == f"{mqtt_prefix}/available" and m.payload == "online", timeout=30
+        )
+        (event,) = recorder.wait_for(lambda m: m.topic == f"{mqtt_prefix}/events", timeout=30)
+        health = http_json(http_port, "/health")
+        stats = http_json(http_port, "/api/stats")
+        wait_for_file(snapshots, "*.jpg", process)
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=30)
+        recorder.wait_for(
+            lambda m: m.topic == f"{mqtt_prefix}/available" and m.payload == "offline", timeout=10
+        )
+    finally:
+        process.kill()
+        recorder.close()
+
+    assert process.returncode == 0, stderr
+    assert json.loads(event.payload)["type"] == "new"
+    assert json.loads(event.payload)["after"]["label"] in NAMES
+    assert health["healthy"] is True and health["state"] == "running"
+    assert stats["frames_processed"] > 0
+    assert list(snapshots.glob("*.json"))
+
+
+def http_json(port: int, path: str) -> dict:
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as response:
+        return json.loads(response.read())
+
+
+def wait_for_file(folder: Path, pattern: str, process: subprocess.Popen, timeout: float = 30):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"daemon exited early with {process.returncode}")
+        if folder.exists() and list(folder.glob(pattern)):
+            return
+        time.sleep(0.05)
+    pytest.fail(f"no {pattern} in {folder} after {timeout} s")
