@@ -252,3 +252,7 @@ class CalibrationReader(CalibrationDataReader):
 
     def rewind(self) -> None:
         self._iterator = iter(self.samples)
+
+    def set_range(self, start_index: int, end_index: int) -> None:
+        """Serve only samples[start:end]: onnxruntime calibrates in chunks this way."""
+        self._iterator = iter(self.samples[start_index:end_index])

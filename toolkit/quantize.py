@@ -355,13 +355,12 @@ def static_quantize(
     """Calibrate on ``samples`` and write a static INT8 model; return its metadata."""
     method = CALIBRATION_METHODS[recipe.calibrate_method]
     extra = {
-        # Bounded memory: onnxruntime otherwise keeps every calibration output until the end.
-        "CalibMaxIntermediateOutputs": 16,
+        # Calibrate in chunks so that the histogram methods, which keep whole activations,
+        # stay within memory. (CalibMaxIntermediateOutputs would be simpler, but onnxruntime
+        # 1.32's MinMax calibrator discards the collected chunks instead of merging them.)
+        "CalibStridedMinMax": calibration_chunk(len(samples)),
         "CalibPercentile": recipe.percentile,
     }
-    if recipe.calibrate_method != "minmax":
-        # Histogram calibrators need every output at once; they merge batches themselves.
-        extra.pop("CalibMaxIntermediateOutputs")
     kwargs = {}
     if calibration_cache is not None and _supports_calibration_cache():
         kwargs["calibration_cache_path"] = calibration_cache
@@ -403,6 +402,12 @@ def static_quantize(
         )
         _write_metadata(temp_path, quantized_info)
     return quantized_info
+
+
+def calibration_chunk(count: int, largest: int = 16) -> int:
+    """The largest chunk size up to ``largest`` that divides ``count`` (onnxruntime needs it
+    to divide evenly)."""
+    return next(size for size in range(min(largest, count), 0, -1) if count % size == 0)
 
 
 def dynamic_quantize(model_path: Path, output_path: Path, info: ModelInfo) -> ModelInfo:
@@ -528,7 +533,7 @@ def rank_layers(
     ratio (dB) between each activation before and after its QDQ pair, worst first."""
     from onnxruntime.quantization.qdq_loss_debug import (
         collect_activations,
-        compute_activation_error,
+        compute_signal_to_quantization_noice_ratio,
         create_activation_matching,
         modify_model_output_intermediate_tensors,
     )
@@ -538,7 +543,11 @@ def rank_layers(
         with _quiet_onnxruntime_root_logger():
             modify_model_output_intermediate_tensors(str(quantized_path), str(augmented))
             activations = collect_activations(str(augmented), CalibrationReader(samples, info))
-        errors = compute_activation_error(create_activation_matching(activations))
+        matching = create_activation_matching(activations)
+        errors = {
+            tensor: compute_signal_to_quantization_noice_ratio(pair["pre_qdq"], pair["post_qdq"])
+            for tensor, pair in matching.items()
+        }
 
     model = onnx.load(str(model_path), load_external_data=False)
     producer = {out: node.name for node in model.graph.node for out in node.output}
@@ -547,7 +556,7 @@ def rank_layers(
     for tensor, error in errors.items():
         group = group_of.get(producer.get(tensor, ""))
         if group is not None:
-            worst[group] = min(worst.get(group, np.inf), error["qdq_err"])
+            worst[group] = min(worst.get(group, np.inf), error)
     return sorted(worst.items(), key=lambda item: item[1])
 
 
