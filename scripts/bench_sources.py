@@ -24,7 +24,7 @@ import cv2
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "tests" / "fakes")]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests" / "fakes")]
 
 from device.sources import SourceState, open_source  # noqa: E402
 from device.sources.config import PICAMERA_FORMATS, StreamConfig  # noqa: E402

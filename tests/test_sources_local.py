@@ -9,9 +9,6 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from conftest import REALDATA
-from source_helpers import assert_bgr_frame, read_frames, wait_for
-from stream_servers import ffmpeg_available, make_h264_clip
 
 from device.errors import ConfigError, ToolkitError
 from device.sources import (
@@ -28,6 +25,9 @@ from device.sources.config import (
     UsbCameraConfig,
     VideoFileConfig,
 )
+from tests.conftest import REALDATA
+from tests.source_helpers import assert_bgr_frame, read_frames, wait_for
+from tests.stream_servers import ffmpeg_available, make_h264_clip
 
 needs_ffmpeg = pytest.mark.skipif(not ffmpeg_available(), reason="needs the ffmpeg program")
 

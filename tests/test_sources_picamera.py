@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from source_helpers import assert_bgr_frame, read_frames, wait_for
 
 from device.contract import ModelInfo
 from device.errors import ToolkitError
@@ -17,6 +16,7 @@ from device.preprocess import preprocess
 from device.sources import SourceState, open_source
 from device.sources.config import PICAMERA_FORMATS, PiCameraConfig
 from device.sources.picamera import frame_duration_us, picamera_array_to_bgr
+from tests.source_helpers import assert_bgr_frame, read_frames, wait_for
 
 FAKES = Path(__file__).parent / "fakes"
 WIDTH, HEIGHT = 100, 64  # rows of 300 or 400 bytes, padded to 320 or 448; YUV stride 128

@@ -9,9 +9,14 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from conftest import REALDATA
-from source_helpers import assert_bgr_frame, read_frames, wait_for
-from stream_servers import (
+
+from device.errors import ToolkitError
+from device.sources import SourceState, open_source
+from device.sources.config import StreamConfig
+from device.sources.stream import redact_url
+from tests.conftest import REALDATA
+from tests.source_helpers import assert_bgr_frame, read_frames, wait_for
+from tests.stream_servers import (
     H264TcpServer,
     MjpegServer,
     RtspServer,
@@ -20,11 +25,6 @@ from stream_servers import (
     free_port,
     make_h264_clip,
 )
-
-from device.errors import ToolkitError
-from device.sources import SourceState, open_source
-from device.sources.config import StreamConfig
-from device.sources.stream import redact_url
 
 pytestmark = pytest.mark.skipif(not ffmpeg_available(), reason="needs the ffmpeg program")
 

@@ -12,6 +12,10 @@ from device.sources.config import StreamConfig
 from device.sources.live import LiveSource, SourceLost
 from device.sources.opencv_capture import open_ffmpeg_capture, read_bgr, release_quietly
 
+# A raw H.264 stream has no container to say what it is, so FFmpeg probes it for up to 5 s by
+# default; half a second is plenty for the SPS/PPS and first keyframe rpicam-vid sends.
+RAW_TCP_PROBE = {"analyzeduration": "500000", "probesize": "500000"}
+
 
 def redact_url(url: str) -> str:
     """The URL without its password, for logs and status."""
@@ -41,8 +45,11 @@ class StreamSource(LiveSource):
 
     def _ffmpeg_options(self) -> dict[str, str]:
         options = {}
-        if urlsplit(self.config.url).scheme.lower() in ("rtsp", "rtsps"):
+        scheme = urlsplit(self.config.url).scheme.lower()
+        if scheme in ("rtsp", "rtsps"):
             options["rtsp_transport"] = self.config.rtsp_transport
+        elif scheme == "tcp":
+            options.update(RAW_TCP_PROBE)
         options.update(self.config.ffmpeg_options)
         return options
 
