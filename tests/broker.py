@@ -146,8 +146,9 @@ class MosquittoBroker:
 @dataclass(frozen=True)
 class Received:
     topic: str
-    payload: str
+    payload: str  # decoded as UTF-8, undecodable bytes replaced
     retain: bool
+    data: bytes  # the payload as sent
 
 
 class MqttRecorder:
@@ -178,7 +179,12 @@ class MqttRecorder:
     def _on_message(self, client, userdata, message) -> None:
         with self._changed:
             self.messages.append(
-                Received(message.topic, message.payload.decode(), bool(message.retain))
+                Received(
+                    message.topic,
+                    message.payload.decode(errors="replace"),
+                    bool(message.retain),
+                    bytes(message.payload),
+                )
             )
             self._changed.notify_all()
 

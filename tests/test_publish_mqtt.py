@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+import cv2
 import numpy as np
 import pytest
 from pydantic import ValidationError
@@ -120,6 +121,38 @@ def test_object_events_counts_and_detections(mqtt_broker, mqtt_prefix):
     outputs = stats.snapshot()["outputs"]["mqtt"]
     assert outputs["published"] >= 3 + 4 + 2, outputs
     assert outputs.get("dropped", 0) == 0
+
+
+def test_object_snapshots_are_retained_jpegs(mqtt_broker, mqtt_prefix):
+    recorder = MqttRecorder(mqtt_broker, f"{mqtt_prefix}/snapshot/#")
+    image = np.full((240, 320, 3), 128, np.uint8)
+    sink, _ = sink_for(
+        mqtt_broker,
+        mqtt_prefix,
+        events={"min_frames": 1, "update_interval": 0.0, "snapshot": True, "snapshot_height": 120},
+    )
+    try:
+        with sink:
+            assert wait_until(lambda: sink.connected)
+            t0 = time.time()
+            for index, score in enumerate((0.6, 0.5, 0.9)):  # new, worse (none), better
+                frame = Frame(image, index, t0 + index * 0.1, time.monotonic(), source="cam")
+                sink.publish(FrameResult(frame, [Detection(40, 40, 200, 200, score, 0, "person")]))
+            snapshots = recorder.wait_for(lambda m: True, count=2)
+            time.sleep(0.3)  # a third, unwanted one would arrive by now
+    finally:
+        recorder.close()
+    assert len(recorder.messages) == 2
+    assert {m.topic for m in snapshots} == {f"{mqtt_prefix}/snapshot/person"}
+    pictures = [cv2.imdecode(np.frombuffer(m.data, np.uint8), cv2.IMREAD_COLOR) for m in snapshots]
+    assert all(p.shape == (120, 160, 3) for p in pictures)
+
+    late = MqttRecorder(mqtt_broker, f"{mqtt_prefix}/snapshot/#")
+    try:
+        (retained,) = late.wait_for(lambda m: True)
+    finally:
+        late.close()
+    assert retained.retain and retained.data == snapshots[-1].data
 
 
 def test_stats_are_published_periodically(mqtt_broker, mqtt_prefix):

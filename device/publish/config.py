@@ -92,6 +92,12 @@ class MqttEventsConfig(_Strict):
     update_interval: float = Field(
         1.0, ge=0.0, le=600, description="Minimum seconds between 'update' events of one object"
     )
+    snapshot: bool = Field(
+        False,
+        description="Retained JPEG of new objects and better views on <prefix>/snapshot/<label>",
+    )
+    snapshot_height: int = Field(270, ge=64, le=2160, description="Height of those JPEGs in pixels")
+    snapshot_quality: int = Field(70, ge=10, le=100, description="JPEG quality of those snapshots")
 
 
 class MqttConfig(_Strict):

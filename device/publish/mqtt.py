@@ -8,16 +8,19 @@ Topics, under ``topic_prefix`` (default ``edge_yolo``):
   "before": {...}, "after": {...}}``; the state holds id, label, class_id, source, score,
   top_score, box (x1, y1, x2, y2 frame pixels), area, start_time, frame_time, end_time, frames.
 - ``<prefix>/objects/<label>``: retained count of that label's objects in view, on change.
+- ``<prefix>/snapshot/<label>``: optional retained JPEG (``events.snapshot``) of the frame with
+  the object's box, sent when an object is new and when a better-scoring view of it comes.
 - ``<prefix>/detections``: optional per-frame ``FrameResult.as_dict()`` messages.
 - ``<prefix>/stats``: ``RuntimeStats.snapshot()`` plus ``health``, every ``stats_interval`` s
   and on every (re)connect.
 
-``publish()`` only puts a small summary of the frame (no image) into a bounded in-memory
-queue; a worker thread makes the messages and paho's own network thread sends them and
-reconnects with a growing delay. While the broker is away, events and counts wait in a
-backlog of at most ``max_queued`` messages (oldest dropped); per-frame detections and stats
-are dropped, since they are stale by the time the broker is back. Every drop is counted in
-``edge_publish_dropped_total{sink="mqtt"}``.
+``publish()`` only puts a small summary of the frame (no image, unless object snapshots are
+on; then the queue holds at most 8 frames) into a bounded in-memory queue; a worker thread
+makes the messages and paho's own network thread sends them and reconnects with a growing
+delay. While the broker is away, events and counts wait in a backlog of at most
+``max_queued`` messages (oldest dropped); per-frame detections, stats and snapshots are
+dropped, since they are stale by the time the broker is back. Every drop is
+counted in ``edge_publish_dropped_total{sink="mqtt"}``.
 
 Wiring, for the daemon::
 
@@ -39,10 +42,13 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
+import cv2
+import numpy as np
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 
 from device.errors import ConfigError
+from device.publish.annotate import draw_detections, encode_jpeg
 from device.publish.base import HealthProvider, Sink
 from device.publish.config import MqttConfig
 from device.publish.events import ObjectTracker
@@ -53,6 +59,7 @@ log = logging.getLogger(__name__)
 _paho_log = logging.getLogger(f"{__name__}.paho")
 
 _INBOX_SIZE = 256  # frames waiting for the worker; the loop is far slower than the worker
+_INBOX_SIZE_WITH_IMAGES = 8  # when summaries hold frames (for snapshots), memory decides
 _WORKER_TICK = 0.2  # seconds between the worker's housekeeping passes
 
 
@@ -79,11 +86,14 @@ class MqttTopics:
     def objects(self, label: str) -> str:
         return f"{self.prefix}/objects/{label}"
 
+    def snapshot(self, label: str) -> str:
+        return f"{self.prefix}/snapshot/{label}"
+
 
 @dataclass(frozen=True)
 class _Outgoing:
     topic: str
-    payload: str
+    payload: str | bytes
     qos: int
     retain: bool
 
@@ -96,6 +106,7 @@ class _FrameSummary:
     timestamp: float
     detections: list[Detection]
     message: dict | None  # FrameResult.as_dict() when per-frame messages are on
+    image: np.ndarray | None  # the frame, only when object snapshots are on
 
 
 class MqttSink(Sink):
@@ -115,7 +126,8 @@ class MqttSink(Sink):
         self.topics = MqttTopics(config.topic_prefix)
         self.client_id = config.client_id or f"edge-yolo-{socket.gethostname()}-{os.getpid()}"
 
-        self._inbox: queue.Queue[_FrameSummary] = queue.Queue(maxsize=_INBOX_SIZE)
+        inbox_size = _INBOX_SIZE_WITH_IMAGES if config.events.snapshot else _INBOX_SIZE
+        self._inbox: queue.Queue[_FrameSummary] = queue.Queue(maxsize=inbox_size)
         self._backlog: deque[_Outgoing] = deque()
         self._tracker = ObjectTracker(config.events)
         self._sent_counts: dict[str, int] = {}
@@ -211,6 +223,7 @@ class MqttSink(Sink):
             timestamp=result.frame.timestamp,
             detections=list(result.detections),
             message=message,
+            image=result.frame.image if self.config.events.snapshot else None,
         )
         try:
             self._inbox.put_nowait(summary)
@@ -332,6 +345,8 @@ class MqttSink(Sink):
         if self.config.events.enabled or self.config.counts:
             events = self._tracker.update(summary.source, summary.timestamp, summary.detections)
             self._queue_events(events)
+            if summary.image is not None:
+                self._queue_snapshots(events, summary.image)
         if summary.message is not None and self._wants_detections(summary):
             self._last_detections_time = summary.timestamp
             self._queue(self.topics.detections, summary.message, volatile=True)
@@ -355,6 +370,24 @@ class MqttSink(Sink):
                 self._sent_counts[label] = count
                 self._queue(self.topics.objects(label), count, retain=True)
 
+    def _queue_snapshots(self, events: list[dict], image: np.ndarray) -> None:
+        """A JPEG of the frame with the object's box, for new objects and better views."""
+        for event in events:
+            after = event["after"]
+            better = event["type"] == "update" and after["top_score"] > event["before"]["top_score"]
+            if event["type"] != "new" and not better:
+                continue
+            if not self._connected.is_set():
+                self._dropped.inc()  # stale once the broker is back: not worth encoding
+                continue
+            box = Detection(*after["box"], after["score"], after["class_id"], after["label"])
+            annotated = draw_detections(image, [box])
+            height = self.config.events.snapshot_height
+            width = max(1, round(annotated.shape[1] * height / annotated.shape[0]))
+            scaled = cv2.resize(annotated, (width, height), interpolation=cv2.INTER_AREA)
+            jpeg = encode_jpeg(scaled, self.config.events.snapshot_quality)
+            self._queue(self.topics.snapshot(after["label"]), jpeg, retain=True, volatile=True)
+
     def _queue_stats(self) -> None:
         payload = self.stats.snapshot()
         payload["outputs"].setdefault(self.name, {}).update(self.status())
@@ -377,8 +410,9 @@ class MqttSink(Sink):
         if volatile and not self._connected.is_set():
             self._dropped.inc()
             return
-        text = payload if isinstance(payload, str) else json.dumps(payload, separators=(",", ":"))
-        self._backlog.append(_Outgoing(topic, text, self.config.qos, retain))
+        if not isinstance(payload, str | bytes):
+            payload = json.dumps(payload, separators=(",", ":"))
+        self._backlog.append(_Outgoing(topic, payload, self.config.qos, retain))
         while len(self._backlog) > self.config.max_queued:
             self._backlog.popleft()
             self._dropped.inc()
