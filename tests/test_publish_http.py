@@ -267,6 +267,15 @@ def test_unknown_path_is_404(server):
     assert status == 404 and "/api/nothing" in json.loads(body)["error"]
 
 
+def test_a_failing_endpoint_answers_500_and_the_server_goes_on(server):
+    broken = result()
+    broken.frame.image = None  # as_dict() and drawing fail on it
+    server.sink.publish(broken)
+    status, _, body = server.get("/api/latest.json")
+    assert status == 500 and "internal error" in json.loads(body)["error"]
+    assert server.get("/health")[0] == 200
+
+
 def test_port_in_use_is_a_clear_error(server):
     taken = HttpConfig(host="127.0.0.1", port=server.sink.port)
     with pytest.raises(ToolkitError, match=f"cannot listen on 127.0.0.1:{server.sink.port}"):

@@ -34,6 +34,7 @@ import ipaddress
 import json
 import logging
 import socket
+import sys
 import threading
 import time
 from http import HTTPStatus
@@ -110,6 +111,14 @@ class _Server(ThreadingHTTPServer):
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         super().__init__(address, _Handler)
+
+    def handle_error(self, request, client_address) -> None:
+        # A client that hangs up is routine; anything else is a bug worth a traceback.
+        error = sys.exc_info()[1]
+        if isinstance(error, ConnectionError | TimeoutError):
+            log.debug("HTTP: client %s went away: %s", client_address[0], error)
+        else:
+            log.exception("HTTP: request from %s failed", client_address[0])
 
 
 class HttpSink(Sink):
@@ -291,8 +300,12 @@ class _Handler(BaseHTTPRequestHandler):
             return
         try:
             handler(query)
-        except (BrokenPipeError, ConnectionResetError, TimeoutError):
+        except (ConnectionError, TimeoutError):
             self.close_connection = True
+        except Exception:
+            log.exception("HTTP: %s failed", path)
+            self.close_connection = True
+            self._send_json({"error": "internal error; see the daemon's log"}, HTTPStatus(500))
 
     def _index(self, query: dict) -> None:
         endpoints = [
