@@ -71,7 +71,8 @@ def test_official_yolov5n_loads_without_yolov5_code(yolov5n_pt):
 @pytest.mark.parametrize("model_class", ["DetectionModel", "Model"])
 def test_custom_classes_multiples_and_anchors_round_trip(tmp_path, model_class):
     anchors = [[8, 9, 15, 20, 30, 18], [28, 50, 60, 40, 55, 100], [100, 80, 150, 190, 350, 300]]
-    model = _tiny_model(nc=7, depth_multiple=0.67, width_multiple=0.375, anchors=anchors)
+    # Neither multiple is an official one (depth 0.33-1.33, width 0.25-1.25 in steps).
+    model = _tiny_model(nc=7, depth_multiple=0.5, width_multiple=0.1875, anchors=anchors)
     path = save_ultralytics_checkpoint(model, tmp_path / "best.pt", model_class=model_class)
 
     assert f"models.yolo.{model_class}" in _globals_in(path)
@@ -79,7 +80,7 @@ def test_custom_classes_multiples_and_anchors_round_trip(tmp_path, model_class):
 
     loaded, checkpoint = load_model(path)
     assert checkpoint.names == [f"class{i}" for i in range(7)]
-    assert checkpoint.architecture["depth_multiple"] == 0.67
+    assert checkpoint.architecture["depth_multiple"] == 0.5
     assert checkpoint.weights_dtype == "float16"
     assert torch.equal(loaded.detect.anchors, model.detect.anchors.half().float())
     # The saved weights are fp16, so compare with the model rounded the same way.

@@ -1,0 +1,310 @@
+"""toolkit export: real yolov5n proven on real photos, every option, and every refusal."""
+
+from __future__ import annotations
+
+import copy
+import sys
+import types
+
+import cv2
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from device.contract import model_info_from_metadata
+from device.postprocess import PostprocessConfig, postprocess
+from device.preprocess import preprocess
+from tests.cli_helpers import run_toolkit
+from toolkit import verify
+from toolkit.checkpoint import load_model, save_ultralytics_checkpoint
+from toolkit.export import ExportOptions, check_options, export_model
+from toolkit.yolo import build_model, load_config
+
+
+def _session(path) -> ort.InferenceSession:
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def _info(path):
+    return model_info_from_metadata({p.key: p.value for p in onnx.load(str(path)).metadata_props})
+
+
+def _iou(a, b) -> float:
+    x1, y1 = max(a[0], b[0]), max(a[1], b[1])
+    x2, y2 = min(a[2], b[2]), min(a[3], b[3])
+    inter = max(0.0, x2 - x1) * max(0.0, y2 - y1)
+    area = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1])
+    return inter / (area - inter)
+
+
+def _detect(onnx_path, image_path):
+    info = _info(onnx_path)
+    frame = cv2.imread(str(image_path))
+    tensor, transform = preprocess(frame, info)
+    rows = _session(onnx_path).run(None, {"images": tensor})[0][0]
+    config = PostprocessConfig(conf_threshold=0.25, iou_threshold=0.45)
+    return postprocess(rows, transform, info.names, config)
+
+
+def _assert_found(detections, label, box, min_iou=0.8):
+    best = max(
+        (_iou(box, (d.x1, d.y1, d.x2, d.y2)) for d in detections if d.label == label), default=0
+    )
+    assert best >= min_iou, f"no {label} near {box}: {[d.as_dict() for d in detections]}"
+
+
+# --- the real model on real photos -----------------------------------------------------------
+
+
+@pytest.mark.realdata
+def test_yolov5n_onnx_matches_pytorch_on_bus(yolov5n_onnx, yolov5n_pt, bus_jpg):
+    model, _ = load_model(yolov5n_pt)
+    info = _info(yolov5n_onnx)
+    tensor, _ = preprocess(cv2.imread(str(bus_jpg)), info)
+
+    onnx_rows = _session(yolov5n_onnx).run(None, {"images": tensor})[0]
+    with torch.no_grad():
+        torch_rows = model(torch.from_numpy(tensor)).numpy()
+
+    assert onnx_rows.shape == torch_rows.shape == (1, 25200, 85)
+    tolerance = verify.TOLERANCES["fp32"]
+    box_diff = np.abs(onnx_rows[..., :4] - torch_rows[..., :4])
+    assert (box_diff <= tolerance.box_atol + tolerance.box_rtol * np.abs(torch_rows[..., :4])).all()
+    assert np.abs(onnx_rows[..., 4:] - torch_rows[..., 4:]).max() <= tolerance.score_atol
+
+
+@pytest.mark.realdata
+def test_yolov5n_onnx_finds_people_and_the_bus(yolov5n_onnx, bus_jpg):
+    detections = _detect(yolov5n_onnx, bus_jpg)
+
+    assert {d.label for d in detections} == {"person", "bus"}
+    assert sum(d.label == "bus" for d in detections) == 1
+    _assert_found(detections, "bus", (71, 240, 810, 778))
+    _assert_found(detections, "person", (219, 406, 350, 868))
+    _assert_found(detections, "person", (54, 397, 208, 899))
+    _assert_found(detections, "person", (674, 381, 810, 868))
+
+
+@pytest.mark.realdata
+def test_yolov5n_onnx_finds_the_two_men_on_zidane(yolov5n_onnx, zidane_jpg):
+    detections = _detect(yolov5n_onnx, zidane_jpg)
+
+    _assert_found(detections, "person", (747, 36, 1156, 714))
+    _assert_found(detections, "person", (136, 174, 738, 720))
+    _assert_found(detections, "tie", (438, 434, 506, 709), min_iou=0.6)
+    assert max(d.score for d in detections if d.label == "person") > 0.8
+
+
+# --- options, on a tiny random model -------------------------------------------------------
+
+
+def test_non_square_fixed_batch(tiny_pt, tmp_path):
+    path = export_model(tiny_pt, tmp_path / "wide.onnx", imgsz=(256, 320), batch_size=2)
+
+    info = _info(path)
+    assert info.input_size == (256, 320) and info.batch_size == 2 and not info.dynamic_size
+    output = _session(path).run(None, {"images": np.zeros((2, 3, 256, 320), np.float32)})[0]
+    assert output.shape == (2, 3 * (32 * 40 + 16 * 20 + 8 * 10), 8)
+
+
+def test_dynamic_batch_and_size_match_pytorch_at_other_shapes(tiny_pt, tmp_path):
+    path = export_model(
+        tiny_pt, tmp_path / "dyn.onnx", imgsz=320, dynamic_batch=True, dynamic_size=True
+    )
+    model, _ = load_model(tiny_pt)
+    session = _session(path)
+
+    info = _info(path)
+    assert info.dynamic_batch and info.dynamic_size
+    x = torch.rand(3, 3, 192, 416, generator=torch.Generator().manual_seed(0))
+    onnx_rows = session.run(None, {"images": x.numpy()})[0]
+    with torch.no_grad():
+        torch_rows = model(x).numpy()
+    assert onnx_rows.shape == (3, 3 * (24 * 52 + 12 * 26 + 6 * 13), 8)
+    assert np.abs(onnx_rows - torch_rows).max() < 1e-3
+
+
+def test_opset_and_no_simplify(tiny_pt, tiny_onnx, tmp_path):
+    plain = export_model(tiny_pt, tmp_path / "plain.onnx", imgsz=320, opset=12, simplify=False)
+
+    plain_model, slim_model = onnx.load(str(plain)), onnx.load(str(tiny_onnx))
+    assert plain_model.opset_import[0].version == 12 == _info(plain).opset
+    assert slim_model.opset_import[0].version == 17
+    assert len(slim_model.graph.node) < len(plain_model.graph.node)
+
+
+def test_half_keeps_float32_io(tiny_pt, tiny_onnx, tmp_path):
+    path = export_model(tiny_pt, tmp_path / "half.onnx", imgsz=320, half=True)
+
+    model = onnx.load(str(path))
+    assert _info(path).precision == "fp16"
+    assert {i.data_type for i in model.graph.initializer if len(i.dims) == 4} == {
+        onnx.TensorProto.FLOAT16
+    }
+    for value in (*model.graph.input, *model.graph.output):
+        assert value.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    assert path.stat().st_size < 0.6 * tiny_onnx.stat().st_size
+
+
+def test_metadata_carries_the_contract(tiny_onnx, tiny_pt):
+    metadata = {p.key: p.value for p in onnx.load(str(tiny_onnx)).metadata_props}
+    info = model_info_from_metadata(metadata)
+
+    assert metadata["names"] == "{0: 'circle', 1: 'square', 2: 'triangle'}"
+    assert metadata["stride"] == "32" and metadata["imgsz"] == "[320, 320]"
+    assert info.output_layout == "xywh_obj_cls" and info.preprocess.channel_order == "RGB"
+    assert info.source.file == "tiny.pt" and len(info.source.sha256) == 64
+    assert info.created and info.tools["edge-yolo-toolkit"]
+
+
+# --- custom checkpoint through the command line ----------------------------------------------
+
+
+def test_custom_model_round_trips_through_the_cli(tmp_path, monkeypatch, capsys):
+    torch.manual_seed(3)
+    cfg = load_config("yolov5s")
+    cfg.update(depth_multiple=0.5, width_multiple=0.1875)
+    cfg["anchors"] = [
+        [9, 11, 16, 28, 31, 22],
+        [30, 60, 60, 44, 58, 117],
+        [115, 92, 155, 199, 370, 320],
+    ]
+    names = ["bolt", "nut", "washer", "screw", "spring"]
+    model = build_model(cfg, nc=5, names=names)
+    weights = save_ultralytics_checkpoint(model, tmp_path / "best.pt")
+    output = tmp_path / "out" / "parts.onnx"
+
+    result = run_toolkit(
+        ["export", "-w", weights, "-o", output, "--imgsz", "224,288"], monkeypatch, capsys
+    )
+
+    assert result.code == 0, result.err
+    assert "agrees with PyTorch" in result.out and "max |diff|" in result.out
+    info = _info(output)
+    assert info.names == names and info.input_size == (224, 288)
+    x = torch.rand(1, 3, 224, 288, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = copy.deepcopy(model).half().float().eval()(x).numpy()
+    actual = _session(output).run(None, {"images": x.numpy()})[0]
+    assert np.abs(actual - expected).max() < 5e-3
+
+
+# --- failures leave nothing behind ---------------------------------------------------------
+
+
+def test_failed_verification_exits_non_zero_and_leaves_no_file(
+    tiny_pt, tmp_path, monkeypatch, capsys
+):
+    strict = verify.Tolerance(box_atol=0.0, box_rtol=0.0, score_atol=0.0)
+    monkeypatch.setitem(verify.TOLERANCES, "fp32", strict)
+    output = tmp_path / "out" / "model.onnx"
+
+    result = run_toolkit(
+        ["export", "-w", tiny_pt, "-o", output, "--imgsz", "320"], monkeypatch, capsys
+    )
+
+    assert result.code != 0
+    assert "Verification failed" in result.err and "DIFFERS" in result.err
+    assert list(output.parent.iterdir()) == []
+
+
+def _fake_class_checkpoint(path, monkeypatch, module, name):
+    fake = types.ModuleType(module)
+    cls = type(name, (), {"__module__": module})
+    setattr(fake, name, cls)
+    for depth in range(1, module.count(".") + 2):
+        monkeypatch.setitem(sys.modules, ".".join(module.split(".")[:depth]), fake)
+    torch.save({"model": cls()}, path)
+    monkeypatch.undo()
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "missing",
+        "corrupt zip",
+        "text file",
+        "yolov8",
+        "state_dict",
+        "unwritable",
+        "bad size",
+        "bad opset",
+    ],
+)
+def test_bad_input_gives_one_message_and_no_file(case, tiny_pt, tmp_path, monkeypatch, capsys):
+    weights = tmp_path / "model.pt"
+    output = tmp_path / "out" / "model.onnx"
+    args = ["export", "-w", weights, "-o", output]
+    expected = {
+        "missing": "not found",
+        "corrupt zip": "truncated or corrupt zip",
+        "text file": "not a torch checkpoint",
+        "yolov8": "ultralytics.nn.tasks.DetectionModel",
+        "state_dict": "plain state_dict",
+        "unwritable": "Cannot write to the output folder",
+        "bad size": "not a multiple of the model's stride 32 (use 608 or 640)",
+        "bad opset": "opset must be within 11..20",
+    }[case]
+    if case == "corrupt zip":
+        weights.write_bytes(tiny_pt.read_bytes()[:-200])
+    elif case == "text file":
+        weights.write_text("definitely not a model\n")
+    elif case == "yolov8":
+        _fake_class_checkpoint(weights, monkeypatch, "ultralytics.nn.tasks", "DetectionModel")
+    elif case == "state_dict":
+        torch.save(load_model(tiny_pt)[0].state_dict(), weights)
+    elif case == "unwritable":
+        weights = tiny_pt
+        (tmp_path / "blocker").write_text("a file where a folder should be")
+        output = tmp_path / "blocker" / "model.onnx"
+        args = ["export", "-w", weights, "-o", output]
+    elif case == "bad size":
+        args += ["--imgsz", "630"]
+    elif case == "bad opset":
+        args += ["--opset", "9"]
+
+    result = run_toolkit(args, monkeypatch, capsys)
+
+    assert result.code != 0
+    assert expected in result.err
+    assert result.err.count("error:") == 1 and "Traceback" not in result.err
+    assert not output.exists()
+    if output.parent.is_dir():
+        assert not any(p.suffix == ".onnx" for p in output.parent.iterdir())
+
+
+def test_options_are_checked_before_any_work():
+    with pytest.raises(Exception, match=r"batch size must be at least 1.*opset must be within"):
+        check_options(ExportOptions(batch_size=0, opset=30))
+
+
+# --- the default model ---------------------------------------------------------------------
+
+
+def test_without_weights_the_demo_model_is_used(tiny_pt, tmp_path, monkeypatch, capsys, caplog):
+    import toolkit.download as download
+    import toolkit.export as export
+
+    calls = []
+    monkeypatch.setattr(download, "DEMO_WEIGHTS", tiny_pt)
+    monkeypatch.setattr(export, "run_export", lambda weights, *a, **k: calls.append(weights))
+    monkeypatch.setattr(export, "describe", lambda result: "")
+    caplog.set_level("INFO")
+
+    result = run_toolkit(["export", "--imgsz", "320"], monkeypatch, capsys)
+
+    assert result.code == 0, result.err
+    assert calls == [tiny_pt]
+    assert "using the demo model" in caplog.text
+
+
+def test_without_weights_and_without_demo_model(tmp_path, monkeypatch, capsys):
+    import toolkit.download as download
+
+    monkeypatch.setattr(download, "DEMO_WEIGHTS", tmp_path / "models/demo/shapes-yolov5n.pt")
+    result = run_toolkit(["export"], monkeypatch, capsys)
+
+    assert result.code != 0
+    assert "No --weights given" in result.err and "shapes-yolov5n.pt" in result.err
