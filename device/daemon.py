@@ -44,9 +44,10 @@ class Daemon:
         self.stats = RuntimeStats()
         self.health = Health(config.pipeline.health_max_frame_age_s)
         self.pipeline: Pipeline | None = None
+        self.sinks: list[Sink] = []
         self._stop_requested = threading.Event()
+        self._wake = threading.Event()  # set by a stop request or by the pipeline finishing
         self._stop_reason = ""
-        self._started = time.monotonic()
 
     # The run, as a short list of stages
 
@@ -70,6 +71,7 @@ class Daemon:
         if not self._stop_requested.is_set():
             self._stop_reason = reason
             self._stop_requested.set()
+            self._wake.set()
 
     # Setup
 
@@ -86,16 +88,17 @@ class Daemon:
 
     def _open_source(self, resources: ExitStack):
         source = create_source(self.config.source)
-        source.open()
+        # Registered first: a signal during open() must still release the camera.
         resources.callback(self._close_source, source)
+        source.open()
         log.info("Source %s opened", source.name)
         return source
 
     def _start_sinks(self, resources: ExitStack) -> list[Sink]:
-        sinks = build_sinks(self.config, self.stats, self.health)
+        sinks = self.sinks = build_sinks(self.config, self.stats, self.health)
         for sink in sinks:
-            sink.start()
             resources.callback(self._close_sink, sink)
+            sink.start()
         if not sinks:
             log.warning("No output is enabled: detections are counted but not sent anywhere")
         return sinks
@@ -110,6 +113,7 @@ class Daemon:
             newest_frame=newest_frame(self.config),
             max_frames=self.config.pipeline.max_frames,
             read_timeout=self.config.pipeline.read_timeout_s,
+            on_done=self._wake.set,
         )
         pipeline.start()
         return pipeline
@@ -131,7 +135,7 @@ class Daemon:
         stalled_before = False
 
         while not pipeline.done.is_set() and not self._stop_requested.is_set():
-            self._stop_requested.wait(tick)
+            self._wake.wait(tick)
 
             stalled = pipeline.stalled(stall_limit)
             if stalled and not stalled_before:
@@ -161,7 +165,7 @@ class Daemon:
         return (
             f"{snapshot['frames_processed']} frames, {snapshot['fps']:.1f} fps, "
             f"inference {stages.get('inference', 0):.1f} ms, "
-            f"{snapshot['frames_dropped']} dropped by the source, detections: {found}"
+            f"{snapshot['frames_dropped']} dropped to stay current, detections: {found}"
         )
 
     # Shutdown
@@ -181,7 +185,7 @@ class Daemon:
         if stuck:
             log.warning("Stages still running at exit (left behind): %s", ", ".join(stuck))
 
-        elapsed = time.monotonic() - self._started
+        elapsed = time.monotonic() - pipeline.started_at
         log.info(
             "Processed %d frames in %.1f s (%.1f fps overall, %d skipped for newer ones); %s",
             pipeline.frames_published,

@@ -20,7 +20,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -79,6 +79,7 @@ class Pipeline:
         newest_frame: bool,
         max_frames: int | None = None,
         read_timeout: float = 0.5,
+        on_done: Callable[[], None] | None = None,
     ) -> None:
         self.source = source
         self.detector = detector
@@ -88,12 +89,14 @@ class Pipeline:
         self.newest_frame = newest_frame
         self.max_frames = max_frames
         self.read_timeout = read_timeout
+        self.on_done = on_done  # called once from the stage that finishes, e.g. to wake a waiter
 
         self.frames_published = 0
         self.frames_skipped = 0  # prepared frames replaced by newer ones (newest_frame only)
         self.outcome = ""  # "ended", "max_frames", "stopped", "source_failed" or "error"
         self.error: BaseException | None = None
         self.done = threading.Event()
+        self.started_at = 0.0  # time.monotonic() at start()
 
         self._stop = threading.Event()
         self._to_infer: queue.Queue[_Job | None] = queue.Queue(maxsize=1)
@@ -105,6 +108,7 @@ class Pipeline:
     # Lifecycle
 
     def start(self) -> None:
+        self.started_at = time.monotonic()
         for name, target in (
             ("capture", self._capture_loop),
             ("inference", self._inference_loop),
@@ -150,6 +154,8 @@ class Pipeline:
             self.error = error
             self._stop.set()
         self.done.set()
+        if self.on_done is not None:
+            self.on_done()
 
     def _guard(self, loop):
         def run() -> None:
@@ -261,7 +267,9 @@ class Pipeline:
 
         self.frames_published += 1
         self.stats.record_frame(job.timings, [d.label for d in detections])
-        self.stats.record_source(self.source.status())
+        source_status = self.source.status()
+        source_status["frames_dropped"] += self.frames_skipped  # both are dropped to stay current
+        self.stats.record_source(source_status)
         self.health.frame_done()
         log.debug(
             "frame %d: %d detections, inference %.1f ms",
