@@ -26,8 +26,7 @@ def tiny(tmp_path):
 def samples(count: int = 8, seed: int = 0) -> list[Sample]:
     rng = np.random.default_rng(seed)
     return [
-        Sample(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8), f"noise{i}")
-        for i in range(count)
+        Sample(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8), f"noise{i}") for i in range(count)
     ]
 
 
@@ -105,7 +104,7 @@ def test_missing_and_damaged_model_files(tmp_path):
         quantize.load_fp32_model(tmp_path / "nope.onnx")
     damaged = tmp_path / "damaged.onnx"
     damaged.write_bytes(b"\x08\x07not a protobuf at all" * 10)
-    with pytest.raises(ToolkitError, match="Could not read .* as an ONNX model"):
+    with pytest.raises(ToolkitError, match=r"Could not read .* as an ONNX model"):
         quantize.load_fp32_model(damaged)
 
 
@@ -116,7 +115,7 @@ def test_missing_and_damaged_model_files(tmp_path):
 def test_static_preset_is_in_the_graph_and_the_metadata(
     tiny, tmp_path, preset_name, activation_dtype, reduce_range
 ):
-    path, roles = tiny
+    path, _ = tiny
     model, info = quantize.load_fp32_model(path)
     tail = quantize.find_detect_tail(model, info)
     recipe = quantize.preset_recipe(quantize.resolve_preset(preset_name))

@@ -259,7 +259,8 @@ def find_detect_tail(model: onnx.ModelProto, info: ModelInfo | None = None) -> D
 
 
 def _check_heads(model: onnx.ModelProto, heads: list[str], info: ModelInfo | None) -> None:
-    expected = len(info.strides) if info else None
+    # Ultralytics' metadata does not list the strides (P6 models have four heads).
+    expected = len(info.strides) if info and info.source.kind != "ultralytics-onnx" else None
     if not heads or (expected and len(heads) != expected):
         raise ToolkitError(
             f"Expected {expected or 'one or more'} detection heads (one per stride) ending in a "

@@ -1,0 +1,202 @@
+"""``toolkit quantize`` end to end on the tiny exported model: variants, report, bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import cv2
+import numpy as np
+import onnx
+import pytest
+from typer.testing import CliRunner
+
+from device.contract import METADATA_KEY, model_info_from_metadata
+from device.errors import ToolkitError
+from tests.conftest import REPO_ROOT
+from tests.quant_graphs import tiny_yolo
+from toolkit import quantize
+from toolkit.cli import app
+from toolkit.cli_quantize import check_strict
+from toolkit.report import ProofReport, VariantRow, render_markdown, render_table
+
+
+def scene_images(folder, count, size=(240, 320), seed=0):
+    """Frames with a few filled shapes on a textured background, like a camera might see."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(count):
+        image = rng.integers(60, 200, (*size, 3), dtype=np.uint8)
+        height, width = size
+        for _ in range(3):
+            x, y = int(rng.integers(0, width * 3 // 4)), int(rng.integers(0, height * 3 // 4))
+            w, h = int(rng.integers(width // 10, width // 4)), height // 8
+            color = tuple(int(c) for c in rng.integers(0, 256, 3))
+            cv2.rectangle(image, (x, y), (x + w, y + h), color, -1)
+        cv2.imwrite(str(folder / f"frame{i:03d}.jpg"), image)
+    return folder
+
+
+def metadata(path):
+    return {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+
+
+def test_quantize_writes_both_variants_and_the_report(tiny_onnx, tmp_path):
+    model = shutil.copy(tiny_onnx, tmp_path / "tiny.onnx")
+    images = scene_images(tmp_path / "frames", 12)
+
+    outcome = CliRunner().invoke(
+        app,
+        ["quantize", str(model), "--data", str(images), "--mode", "static", "--mode", "dynamic",
+         "--samples", "8", "--latency-runs", "3", "--preset", "arm64"],
+    )  # fmt: skip
+
+    assert outcome.exit_code == 0, outcome.output
+    static, dynamic = tmp_path / "tiny-int8-arm64.onnx", tmp_path / "tiny-int8-dynamic.onnx"
+    assert static.is_file() and dynamic.is_file()
+    assert "INT8 static (arm64)" in outcome.output and "INT8 dynamic" in outcome.output
+
+    report = json.loads((tmp_path / "tiny-int8-report.json").read_text())
+    assert [v["name"] for v in report["variants"]] == [
+        "FP32", "INT8 static (arm64)", "INT8 dynamic"
+    ]  # fmt: skip
+    fp32 = report["variants"][0]
+    assert (fp32["recall"], fp32["precision"], fp32["within_budget"]) == (1.0, 1.0, None)
+    assert report["calibration"]["count"] == 8
+    assert report["held_out"]["count"] == 3  # a quarter of 12 is kept out of calibration
+    assert not set(report["held_out"]["names"]) & {f"frame{i:03d}.jpg" for i in range(0)}
+    assert any("Only 8 calibration images" in w for w in report["warnings"])
+    assert "| FP32 |" in (tmp_path / "tiny-int8-report.md").read_text()
+
+    info = model_info_from_metadata(metadata(static))
+    assert info.precision == "int8"
+    assert (info.quantization.preset, info.quantization.activation_type) == ("arm64", "int8")
+    assert info.names == model_info_from_metadata(metadata(model)).names
+    assert not list(tmp_path.glob(".*tmp"))  # no temp files left behind
+
+
+def test_held_out_images_are_never_calibration_images(tiny_onnx, tmp_path):
+    model = shutil.copy(tiny_onnx, tmp_path / "tiny.onnx")
+    images = scene_images(tmp_path / "frames", 16, seed=1)
+
+    outcome = CliRunner().invoke(
+        app,
+        ["quantize", str(model), "-d", str(images), "-n", "10", "--eval-samples", "4",
+         "--latency-runs", "2", "--no-search"],
+    )  # fmt: skip
+
+    assert outcome.exit_code == 0, outcome.output
+    report = json.loads((tmp_path / "tiny-int8-report.json").read_text())
+    assert report["held_out"]["count"] == 4
+    assert report["calibration"]["count"] == 10
+
+
+def test_ultralytics_style_metadata_is_enough(tmp_path):
+    path, _ = tiny_yolo(tmp_path / "ultra.onnx", metadata=False)
+    model = onnx.load(str(path))
+    for key, value in {"stride": "4", "names": "{0: 'cat', 1: 'dog'}", "imgsz": "[32, 32]"}.items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.save(model, str(path))
+    images = scene_images(tmp_path / "frames", 12, size=(32, 48))
+
+    outcome = CliRunner().invoke(
+        app, ["quantize", str(path), "-d", str(images), "--latency-runs", "2", "--no-search"]
+    )
+
+    assert outcome.exit_code == 0, outcome.output
+    (written,) = tmp_path.glob("ultra-int8-*.onnx")
+    stored = metadata(written)
+    assert METADATA_KEY in stored and stored["names"] == "{0: 'cat', 1: 'dog'}"
+    assert model_info_from_metadata(stored).source.kind == "ultralytics-onnx"
+
+
+def test_bad_options_are_rejected_before_any_work(tmp_path):
+    outcome = CliRunner().invoke(
+        app, ["quantize", str(tmp_path / "m.onnx"), "-d", str(tmp_path), "--max-drop", "2"]
+    )
+    assert isinstance(outcome.exception, ToolkitError)
+    assert "--max-drop must be within 0..1, got 2.0" in str(outcome.exception)
+
+
+def test_labelled_dataset_for_other_classes_is_rejected(tiny_onnx, tmp_path):
+    model = shutil.copy(tiny_onnx, tmp_path / "tiny.onnx")
+    dataset = tmp_path / "ds"
+    scene_images(dataset / "images", 6)
+    (dataset / "labels").mkdir()
+    for image in (dataset / "images").iterdir():
+        (dataset / "labels" / f"{image.stem}.txt").write_text("42 0.5 0.5 0.1 0.1\n")
+
+    outcome = CliRunner().invoke(
+        app,
+        ["quantize", str(model), "-d", str(scene_images(tmp_path / "calib", 8)),
+         "--eval-data", str(dataset)],
+    )  # fmt: skip
+
+    assert isinstance(outcome.exception, ToolkitError)
+    assert "class ids [42], but the model has 3 classes" in str(outcome.exception)
+    assert not list(tmp_path.glob("tiny-int8-*"))
+
+
+def test_cli_turns_bad_input_into_a_message_and_exit_code(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    model, _ = tiny_yolo(tmp_path / "tiny.onnx")
+
+    done = subprocess.run(
+        [sys.executable, "-m", "toolkit", "quantize", str(model), "--data", str(empty)],
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
+        timeout=120,
+    )
+
+    assert done.returncode == 1
+    assert "error: Expected images" in done.stderr and "found an empty folder" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def _report(within: bool | None) -> ProofReport:
+    row = VariantRow("INT8 static (x86)", "m.onnx", 1_000_000, 10.0, 12.0, 1.5, 0.9, 0.95, 0.9,
+                     20, within_budget=within, float_layers=["a"])  # fmt: skip
+    fp32 = VariantRow("FP32", "f.onnx", 4_000_000, 15.0, 16.0, 1.0, 1.0, 1.0, 1.0, 21)
+    return ProofReport(
+        model="f.onnx",
+        host={"cpu": "test cpu", "cpus": 2, "onnxruntime": "x"},
+        settings={
+            "iou_threshold": 0.5,
+            "conf_threshold": 0.25,
+            "max_drop": 0.03,
+            "latency_runs": 5,
+        },
+        held_out={"count": 9, "labelled": False},
+        calibration={"count": 50, "sources": ["v.mp4"], "seed": 0},
+        variants=[fp32, row],
+        search=[{"count": 0, "recall": 0.8, "precision": 0.9}],
+    )
+
+
+def test_strict_makes_a_variant_outside_the_budget_an_error():
+    with pytest.raises(ToolkitError, match=r"Outside the fidelity budget .*INT8 static") as info:
+        check_strict(_report(within=False), strict=True)
+    assert info.value.exit_code == 3
+    check_strict(_report(within=False), strict=False)  # only a warning
+    check_strict(_report(within=True), strict=True)
+
+
+def test_table_and_markdown_mark_the_variant_outside_the_budget():
+    report = _report(within=False)
+
+    table, markdown = render_table(report), render_markdown(report)
+
+    assert "OUTSIDE BUDGET" in table and "OUTSIDE BUDGET" in markdown
+    assert "1.50x" in table and "0.900" in table
+    assert "| 0 | 0.800 | 0.900 |" in markdown
+
+
+def test_calibration_chunks_divide_the_sample_count():
+    assert [quantize.calibration_chunk(n) for n in (1, 7, 16, 60, 100, 128)] == [
+        1, 7, 16, 15, 10, 16
+    ]  # fmt: skip
