@@ -121,6 +121,7 @@ def _fetch(url: str, sink, destination: Path) -> tuple[str, int]:
     log.info("Downloading %s", url)
     digest = hashlib.sha256()
     received = 0
+    expected_size = 0
     try:
         with urllib.request.urlopen(url, timeout=TIMEOUT_SECONDS) as response:
             expected_size = int(response.headers.get("Content-Length") or 0)
@@ -130,6 +131,11 @@ def _fetch(url: str, sink, destination: Path) -> tuple[str, int]:
                     digest.update(chunk)
                     received += len(chunk)
                     advance(len(chunk))
+    except http.client.IncompleteRead as exc:
+        raise ToolkitError(
+            f"Download of {url} stopped at {received + len(exc.partial)} of {expected_size} "
+            f"bytes (the connection closed). Try again, or put the file at {destination}."
+        ) from exc
     except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as exc:
         raise ToolkitError(
             f"Could not download {url}: {_reason(exc)}. Without network access, put the "
