@@ -27,14 +27,19 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+_LISTEN, _ESTABLISHED = "0A", "01"
+
+
 def is_listening(port: int) -> bool:
-    """Whether a TCP socket listens on ``port``, found without connecting (a connection would
-    use up the one client an ffmpeg 'listen=1' server accepts)."""
+    """Whether a server on ``port`` listens, or has already accepted its client (an ffmpeg
+    'listen=1' server stops listening once a reconnecting source is in).  Read from the kernel's
+    table, without connecting: a connection would use up that one client."""
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         with contextlib.suppress(OSError), open(table) as lines:
             for line in list(lines)[1:]:
                 fields = line.split()
-                if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "0A":
+                local_port = int(fields[1].rsplit(":", 1)[1], 16)
+                if local_port == port and fields[3] in (_LISTEN, _ESTABLISHED):
                     return True
     return False
 

@@ -195,6 +195,7 @@ def test_command_line_words_pick_the_right_source(tmp_path):
     assert source_config_from_string("picamera:1").camera == 1
     assert source_config_from_string("0").device_path == Path("/dev/video0")
     assert source_config_from_string("/dev/video2").device_path == Path("/dev/video2")
+    assert parse_source_config({"type": "usb", "device": 1}).device_path == Path("/dev/video1")
     assert isinstance(source_config_from_string("rtsp://cam.local/stream1"), StreamConfig)
     assert isinstance(source_config_from_string("tcp://127.0.0.1:8888"), StreamConfig)
     assert isinstance(source_config_from_string(str(tmp_path)), ImageFolderConfig)

@@ -98,6 +98,11 @@ class UsbCameraConfig(_LiveSourceConfig):
         "v4l2", description="OpenCV capture backend; v4l2 is the native one on Linux"
     )
 
+    @field_validator("device", mode="before")
+    @classmethod
+    def _number_as_text(cls, device: object) -> object:
+        return str(device) if isinstance(device, int) and not isinstance(device, bool) else device
+
     @property
     def device_path(self) -> Path:
         return Path(f"/dev/video{self.device}") if self.device.isdigit() else Path(self.device)

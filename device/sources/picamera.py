@@ -167,6 +167,11 @@ class PiCameraSource(LiveSource):
         )
         self._camera.configure(video_config)
         self.stream = dict(self._camera.camera_config["main"])
+        if tuple(self.stream.get("size", ())) != (config.width, config.height):
+            log.info(
+                "source %s: camera adjusted %dx%d to %s", self.name, config.width, config.height,
+                self.stream.get("size"),
+            )  # fmt: skip
         self._camera.set_controls(controls)
         self._camera.start()
         log.info(
