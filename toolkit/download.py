@@ -134,7 +134,7 @@ def _fetch(url: str, sink, destination: Path) -> tuple[str, int]:
     except http.client.IncompleteRead as exc:
         raise ToolkitError(
             f"Download of {url} stopped at {received + len(exc.partial)} of {expected_size} "
-            f"bytes (the connection closed). Try again, or put the file at {destination}."
+            f"bytes (the connection closed early). Try again, or put the file at {destination}."
         ) from exc
     except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as exc:
         raise ToolkitError(
@@ -143,8 +143,8 @@ def _fetch(url: str, sink, destination: Path) -> tuple[str, int]:
         ) from exc
     if expected_size and received != expected_size:
         raise ToolkitError(
-            f"Download of {url} stopped at {received} of {expected_size} bytes. Try again, or "
-            f"put the file at {destination}."
+            f"Download of {url} stopped at {received} of {expected_size} bytes (the connection "
+            f"closed early). Try again, or put the file at {destination}."
         )
     return digest.hexdigest(), received
 
