@@ -158,9 +158,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("directory", type=Path)
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    parser.add_argument("--manifest-sha256", help="also require this sha256 of manifest.json")
     args = parser.parse_args(argv)
     try:
         verified = verify_bundle(args.directory)
+        if args.manifest_sha256 and verified.manifest_sha256 != args.manifest_sha256:
+            raise ToolkitError(
+                f"manifest.json in {args.directory} has sha256 {verified.manifest_sha256[:12]}…, "
+                f"expected {args.manifest_sha256[:12]}…: it is not the bundle that was sent."
+            )
     except ToolkitError as exc:
         if args.json:
             print(json.dumps({"ok": False, "error": str(exc)}))

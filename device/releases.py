@@ -41,7 +41,9 @@ def release_state(root: Path) -> dict:
     root = Path(root)
     releases = []
     folder = root / "releases"
-    for path in sorted(folder.iterdir()) if folder.is_dir() else []:
+    candidates = folder.iterdir() if folder.is_dir() else []
+    # Oldest first by the time the release directory was moved into place.
+    for path in sorted(candidates, key=lambda p: (p.lstat().st_mtime_ns, p.name)):
         if not path.is_dir() or path.name.startswith("."):
             continue
         releases.append(_describe_release(path))

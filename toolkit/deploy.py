@@ -35,6 +35,7 @@ CHECK_SOURCE = Path(device_check.__file__).read_text()
 VERIFY_SOURCE = Path(device_bundle.__file__).read_text()
 RELEASES_SOURCE = Path(device_releases.__file__).read_text()
 HEALTH_ROUND_S = 3.0
+DEFAULT_HEALTH_URL = "http://127.0.0.1:8080/health"
 PIP_TIMEOUT_S = 1800
 
 
@@ -138,8 +139,9 @@ def deploy_device(bundle: LocalBundle, device: DeviceSettings) -> DeviceResult:
                 discard_release(remote, layout, bundle.release)
             raise
         fallback = _fallback(state, bundle.release)
-        activate(remote, device, layout, bundle.release, fallback)
-        prune_releases(remote, device, layout)
+        urls = {**recorded_health_urls(state), bundle.release: health_url(device, bundle)}
+        activate(remote, device, layout, bundle.release, fallback, urls)
+        prune_releases(remote, device, layout, state, bundle.release, python)
     return DeviceResult(
         device.name,
         device.ssh.label,
@@ -162,7 +164,8 @@ def rollback_device(device: DeviceSettings) -> DeviceResult:
                 f"{device.name}: no previous release to roll back to under {device.root} "
                 f"(current: {state['current'] or 'none'}). Deploy a bundle instead."
             )
-        activate(remote, device, layout, state["previous"], state["current"])
+        urls = recorded_health_urls(state)
+        activate(remote, device, layout, state["previous"], state["current"], urls)
     return DeviceResult(
         device.name,
         device.ssh.label,
@@ -258,8 +261,9 @@ def upload_release(
     incoming = layout.incoming(bundle.release)
     try:
         remote.upload_directory(bundle.path, incoming)
-        _verify_remote(remote, device, incoming, bundle)
-        remote.run(["mv", "-T", incoming, layout.release(bundle.release)], what="mv release")
+        _verify_remote(
+            remote, device, incoming, bundle, then_move_to=layout.release(bundle.release)
+        )
     except ToolkitError as exc:
         remote.run(["rm", "-rf", incoming], check=False, what="remove partial upload")
         if "No space left on device" in str(exc):
@@ -277,7 +281,8 @@ def install_runtime(
 ) -> str:
     """The daemon's interpreter: a venv holding the bundle's wheel, or the one given."""
     if device.runtime_python:
-        _require_runtime(remote, device, device.runtime_python)
+        # The device check already probed this interpreter's onnxruntime and numpy.
+        _require_device_package(remote, device, device.runtime_python)
         return device.runtime_python
     if not bundle.wheel:
         raise DeployError(
@@ -316,7 +321,7 @@ def prepare_release(
         "python": python,
         "venv": python.rsplit("/bin/", 1)[0] if "/venvs/" in python else None,
         "model": model,
-        "health_url": health_url(device, bundle.manifest.get("health_url")),
+        "health_url": health_url(device, bundle),
         "manifest_sha256": bundle.manifest_sha256,
         "deployed": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
@@ -341,20 +346,30 @@ def install_unit(
     """Write the unit next to the releases and link it into systemd (enable by path)."""
     unit_path = layout.unit_file(device.unit_name)
     directory, name = unit_path.rsplit("/", 1)
-    script = f"cd {shlex.quote(directory)}\n" + _write_file_command(name, render_unit(settings))
-    remote.run(["sh", "-ec", script], what="write unit file")
     manager = device.service_manager
-    remote.run(f"{manager} daemon-reload", what=f"{manager} daemon-reload")
-    remote.run(f"{manager} enable {shlex.quote(unit_path)}", what=f"{manager} enable")
+    script = "\n".join(
+        [
+            f"cd {shlex.quote(directory)}",
+            _write_file_command(name, render_unit(settings)),
+            f"{manager} daemon-reload",
+            f"{manager} enable {shlex.quote(unit_path)}",
+        ]
+    )
+    remote.run(["sh", "-ec", script], what=f"install unit ({manager} daemon-reload, enable)")
     log.info("%s: unit %s installed and enabled", device.name, settings.unit_file_name)
 
 
 def activate(
-    remote: Remote, device: DeviceSettings, layout: Layout, release: str, fallback: str | None
+    remote: Remote,
+    device: DeviceSettings,
+    layout: Layout,
+    release: str,
+    fallback: str | None,
+    urls: dict[str, str],
 ) -> None:
     """Switch to ``release`` and restart; if it is not healthy, switch back to ``fallback``."""
     switch_links(remote, layout, current=release, previous=fallback)
-    health = restart_and_wait(remote, device, layout, release)
+    health = restart_and_wait(remote, device, urls.get(release, DEFAULT_HEALTH_URL))
     if health.ok:
         log.info("%s: release %s is healthy", device.name, release)
         return
@@ -370,7 +385,7 @@ def activate(
         )
     log.warning("%s: release %s unhealthy, rolling back to %s", device.name, release, fallback)
     switch_links(remote, layout, current=fallback, previous=None)
-    back = restart_and_wait(remote, device, layout, fallback)
+    back = restart_and_wait(remote, device, urls.get(fallback, DEFAULT_HEALTH_URL))
     if back.ok:
         raise DeployError(
             f"{device.name}: release {release} did not become healthy: {health.detail}. "
@@ -394,9 +409,7 @@ def switch_links(remote: Remote, layout: Layout, *, current: str, previous: str 
     remote.run(["sh", "-ec", "\n".join(lines)], what="switch current")
 
 
-def restart_and_wait(
-    remote: Remote, device: DeviceSettings, layout: Layout, release: str
-) -> Health:
+def restart_and_wait(remote: Remote, device: DeviceSettings, url: str) -> Health:
     manager, unit = device.service_manager, device.unit_name
     done = remote.run(f"{manager} restart {unit}", check=False, timeout=300)
     if done.returncode != 0:
@@ -404,7 +417,6 @@ def restart_and_wait(
         detail = f"'{manager} restart {unit}' failed (exit {done.returncode}): {output}"
         return Health(False, detail + _service_log(remote, device))
 
-    url = _recorded_health_url(_read_record(remote, layout, release))
     deadline = time.monotonic() + device.health_timeout
     while True:
         wait = max(0.0, min(HEALTH_ROUND_S, deadline - time.monotonic()))
@@ -420,18 +432,24 @@ def restart_and_wait(
             return Health(False, f"{detail} ({health.detail})" + _service_log(remote, device))
 
 
-def prune_releases(remote: Remote, device: DeviceSettings, layout: Layout) -> None:
-    """Remove failed and old releases beyond ``keep_releases``, and venvs no release uses."""
-    state = read_state(remote, device)
-    healthy = [entry["id"] for entry in state["releases"] if not entry["failed"]]
-    keep = set(healthy[-device.keep_releases :]) | {state["current"], state["previous"]}
+def prune_releases(
+    remote: Remote, device: DeviceSettings, layout: Layout, state: dict, release: str, python: str
+) -> None:
+    """Remove failed and old releases beyond ``keep_releases``, and venvs no release uses.
+
+    ``state`` is the layout before this deploy; ``release`` is now current, its fallback previous.
+    """
+    older = [entry for entry in state["releases"] if entry["id"] != release]
+    healthy = [entry["id"] for entry in older if not entry["failed"]] + [release]
+    keep = set(healthy[-device.keep_releases :]) | {release, _fallback(state, release)}
     doomed = [entry["id"] for entry in state["releases"] if entry["id"] not in keep]
     used_venvs = {
         entry["deploy"].get("venv", "").rsplit("/", 1)[-1]
         for entry in state["releases"]
         if entry["id"] in keep and entry["deploy"].get("venv")
     }
-    paths = [layout.release(release) for release in doomed]
+    used_venvs.add(python.rsplit("/bin/", 1)[0].rsplit("/", 1)[-1])
+    paths = [layout.release(old) for old in doomed]
     paths += [layout.venv(venv) for venv in state["venvs"] if venv not in used_venvs]
     if paths:
         remote.run(["rm", "-rf", *paths], what="prune old releases")
@@ -538,8 +556,9 @@ def start_script(release: str, python: str, run_args: str = "") -> str:
     )
 
 
-def health_url(device: DeviceSettings, bundled: str | None) -> str:
+def health_url(device: DeviceSettings, bundle: LocalBundle) -> str:
     """The device's own health URL: given, implied by --http-port in run_args, or bundled."""
+    bundled = bundle.manifest.get("health_url")
     if device.health_url:
         return device.health_url
     words = shlex.split(device.run_args)
@@ -566,24 +585,31 @@ def _run_check(remote: Remote, device: DeviceSettings, args: list[str]) -> dict:
         ) from None
 
 
-def _verify_remote(remote: Remote, device: DeviceSettings, path: str, bundle: LocalBundle) -> None:
-    done = remote.run_python_source(
-        VERIFY_SOURCE, [path, "--json"], python=device.device_python, check=False, what="verify"
-    )
+def _verify_remote(
+    remote: Remote,
+    device: DeviceSettings,
+    path: str,
+    bundle: LocalBundle,
+    *,
+    then_move_to: str | None = None,
+) -> None:
+    """The device checks every checksum (and the manifest's own); only then is it moved."""
+    verify = [device.device_python, "-", path, "--json"]
+    verify += ["--manifest-sha256", bundle.manifest_sha256]
+    command = shlex.join(verify)
+    if then_move_to:
+        command += " && " + shlex.join(["mv", "-T", path, then_move_to])
+    done = remote.run(command, stdin=VERIFY_SOURCE.encode(), check=False, what="verify bundle")
     try:
-        answer = json.loads(done.stdout)
-    except ValueError:
+        answer = json.loads(done.stdout.strip().splitlines()[0])
+    except (ValueError, IndexError):
         answer = {"ok": False, "error": done.stderr.strip()[-500:] or "no output"}
     if not answer["ok"]:
         raise DeployError(
             f"{device.name}: the device refused the bundle, nothing was changed: {answer['error']}"
         )
-    if answer["manifest_sha256"] != bundle.manifest_sha256:
-        raise DeployError(
-            f"{device.name}: the manifest on the device differs from the host's "
-            f"({answer['manifest_sha256'][:12]}… vs {bundle.manifest_sha256[:12]}…): a "
-            "different bundle with the same release id is there. Rebuild with a new release."
-        )
+    if done.returncode != 0:
+        raise DeployError(f"{device.name}: moving the release into place failed: {done.stderr}")
 
 
 def _create_venv(
@@ -621,27 +647,33 @@ def _create_venv(
 
 
 def _require_runtime(remote: Remote, device: DeviceSettings, python: str) -> None:
-    """The daemon's interpreter must import the runtime and a working onnxruntime."""
+    """A new venv must import a working onnxruntime, numpy that fits, and the runtime."""
     args = ["--json", "--runtime-python", python, "--system-python", device.device_python]
     report = _run_check(remote, device, args)
-    runtime_checks = {"onnxruntime", "numpy/picamera2"}
     failed = [
         check
         for check in report["checks"]
-        if check["name"] in runtime_checks and check["status"] == "fail"
+        if check["name"] in ("onnxruntime", "numpy/picamera2") and check["status"] == "fail"
     ]
-    probe = remote.run([python, "-c", "import device.cli"], check=False, what="import runtime")
-    if probe.returncode != 0:
-        failed.append(
-            {
-                "name": "runtime",
-                "found": f"{python} cannot import device.cli: {probe.stderr.strip()[-300:]}",
-                "advice": "install the project's wheel into it",
-            }
-        )
     if failed:
         lines = [f"{check['name']}: {check['found']} -> {check['advice']}" for check in failed]
         raise DeployError(f"{device.name}: the runtime is not usable: " + "; ".join(lines))
+    _require_device_package(remote, device, python)
+
+
+def _require_device_package(remote: Remote, device: DeviceSettings, python: str) -> None:
+    probe = remote.run([python, "-c", "import device.cli"], check=False, what="import runtime")
+    if probe.returncode != 0:
+        raise DeployError(
+            f"{device.name}: {python} cannot import the device runtime "
+            f"({_last_line(probe.stderr)}): install the project's wheel into it, or drop "
+            "--runtime-python to let deploy build a venv."
+        )
+
+
+def _last_line(text: str) -> str:
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    return lines[-1] if lines else "no output"
 
 
 def _probe_health(remote: Remote, device: DeviceSettings, url: str, *, wait: float) -> Health:
@@ -677,18 +709,13 @@ def _service_log(remote: Remote, device: DeviceSettings) -> str:
     return "; service log: " + " | ".join(line.strip() for line in lines) if lines else ""
 
 
-def _read_record(remote: Remote, layout: Layout, release: str) -> dict:
-    done = remote.run(["cat", f"{layout.release(release)}/deploy.json"], check=False)
-    try:
-        return json.loads(done.stdout)
-    except ValueError:
-        return {}
+def _recorded_health_url(entry: dict | None) -> str:
+    return ((entry or {}).get("deploy") or {}).get("health_url") or DEFAULT_HEALTH_URL
 
 
-def _recorded_health_url(record: dict | None) -> str:
-    record = record or {}
-    deploy = record.get("deploy", record)
-    return deploy.get("health_url") or "http://127.0.0.1:8080/health"
+def recorded_health_urls(state: dict) -> dict[str, str]:
+    """The health URL each release on the device was deployed with."""
+    return {entry["id"]: _recorded_health_url(entry) for entry in state["releases"]}
 
 
 def _release_entry(state: dict, release: str | None) -> dict | None:
