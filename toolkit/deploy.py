@@ -329,6 +329,7 @@ def prepare_release(
         [
             f"mkdir -p {shlex.quote(layout.state)}",
             f"cd {shlex.quote(release_dir)}",
+            f"rm -f {device_releases.FAILED_MARKER}",  # a release deployed again gets a new try
             f"ln -sfn {shlex.quote(model)} .model.tmp && mv -T .model.tmp model.onnx",
             _write_file_command(
                 "start", start_script(bundle.release, python, device.run_args), mode="755"
@@ -355,7 +356,17 @@ def install_unit(
             f"{manager} enable {shlex.quote(unit_path)}",
         ]
     )
-    remote.run(["sh", "-ec", script], what=f"install unit ({manager} daemon-reload, enable)")
+    try:
+        remote.run(["sh", "-ec", script], what=f"install unit ({manager} daemon-reload, enable)")
+    except RemoteCommandError as exc:
+        hint = ""
+        if "sudo" in manager and ("password" in exc.stderr or "terminal" in exc.stderr):
+            hint = (
+                " Deploy never types a password: allow the command without one, e.g. "
+                f"echo '{device.user or settings.user} ALL=(root) NOPASSWD: /usr/bin/systemctl' | "
+                "sudo tee /etc/sudoers.d/edge-yolo"
+            )
+        raise DeployError(f"{device.name}: installing the unit failed: {exc}.{hint}") from exc
     log.info("%s: unit %s installed and enabled", device.name, settings.unit_file_name)
 
 
