@@ -86,9 +86,12 @@ class YoloV5(nn.Module):
         with torch.no_grad():
             self.train()
             maps = self.forward(torch.zeros(1, in_channels, probe, probe))
-        detect.stride = torch.tensor([probe / m.shape[-3] for m in maps], dtype=torch.float32)
-        _fix_anchor_order(detect)
-        detect.anchors /= detect.stride.view(-1, 1, 1)
+        # Kept on the CPU whatever the model's device: it is read as Python numbers.
+        detect.stride = torch.tensor(
+            [probe / m.shape[-3] for m in maps], dtype=torch.float32, device="cpu"
+        )
+        _fix_anchor_order(detect, self.yaml["anchors"])
+        detect.anchors /= detect.stride.to(detect.anchors.device).view(-1, 1, 1)
         _initialize_biases(detect)
 
         self.names = _names(names, self.yaml["nc"])
@@ -256,12 +259,14 @@ def _parse_layers(
     return layers, sources, save
 
 
-def _fix_anchor_order(detect: Detect) -> None:
+def _fix_anchor_order(detect: Detect, anchors: Any) -> None:
     # Anchors must grow with the stride; upstream flips them when they do not.
-    area = detect.anchors.prod(-1).mean(-1).view(-1)
-    area_step = area[-1] - area[0]
-    stride_step = detect.stride[-1] - detect.stride[0]
-    if area_step and area_step.sign() != stride_step.sign():
+    if not isinstance(anchors, list):
+        return  # a bare anchor count: placeholders until the checkpoint's own arrive
+    areas = [sum(w * h for w, h in zip(a[::2], a[1::2], strict=True)) / len(a) for a in anchors]
+    area_step = areas[-1] - areas[0]
+    stride_step = float(detect.stride[-1] - detect.stride[0])
+    if area_step and (area_step > 0) != (stride_step > 0):
         log.info("Reversing anchor order to match the stride order")
         detect.anchors[:] = detect.anchors.flip(0)
 
