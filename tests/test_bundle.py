@@ -108,6 +108,13 @@ def test_bundle_directory_holds_models_config_wheel_and_a_true_manifest(
     assert verify_bundle(out).release_id == manifest["release"]
 
 
+def test_runtime_wheel_is_reproducible_so_devices_reuse_its_venv(tmp_path, runtime_wheel):
+    again = build_runtime_wheel(tmp_path)
+
+    assert again.name == runtime_wheel.name
+    assert sha256(again) == sha256(runtime_wheel)
+
+
 def test_archive_bundle_unpacks_to_the_same_verified_content(
     tmp_path, models, daemon_config, runtime_wheel
 ):

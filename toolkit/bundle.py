@@ -35,10 +35,9 @@ from device.bundle import (
     BUNDLE_FORMAT_VERSION,
     MANIFEST_NAME,
     file_sha256,
-    read_manifest,
     verify_bundle,
 )
-from device.contract import ModelInfo, model_info_from_metadata
+from device.contract import model_info_from_metadata
 from device.errors import ToolkitError
 
 log = logging.getLogger(__name__)
@@ -305,7 +304,9 @@ def build_runtime_wheel(out_dir: Path) -> Path:
             sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps",
             "--no-build-isolation", "--no-index", "--wheel-dir", str(out_dir), str(source),
         ]  # fmt: skip
-        done = subprocess.run(command, capture_output=True, text=True, check=False)
+        # Fixed zip timestamps: unchanged sources give the same wheel, so devices reuse its venv.
+        env = {**os.environ, "SOURCE_DATE_EPOCH": os.environ.get("SOURCE_DATE_EPOCH", "315532800")}
+        done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
     if done.returncode != 0:
         raise ToolkitError(
             f"Building the runtime wheel failed:\n{done.stderr.strip()[-2000:]}\n"
@@ -336,10 +337,6 @@ def open_bundle(path: Path, workdir: Path) -> Path:
         ) from exc
     verify_bundle(target)
     return target
-
-
-def bundle_manifest(path: Path) -> dict:
-    return read_manifest(path)
 
 
 def _default_model(entries: list[dict], precision: str | None) -> dict:
@@ -428,7 +425,3 @@ def _project_root() -> Path:
 
 def _version_tuple(version: str) -> tuple[int, ...]:
     return tuple(int(part) for part in version.split(".") if part.isdigit())
-
-
-def model_info(entry: dict) -> ModelInfo:
-    return ModelInfo.model_validate(entry["info"])
