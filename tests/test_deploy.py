@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import tarfile
 import urllib.request
 from pathlib import Path
 
@@ -471,7 +472,12 @@ def test_parallel_deploy_from_an_inventory_reports_each_device(devices, bundles,
     inventory = workdir / "inventory.yaml"
     inventory.write_text(yaml.safe_dump({"defaults": common, "devices": entries}))
 
-    done = toolkit_cli("deploy", str(bundles("alpha")), "--inventory", str(inventory))
+    archive = workdir / "alpha.tar.gz"  # the archive form of a bundle, as copied around
+    with tarfile.open(archive, "w:gz") as tar:
+        for path in sorted(bundles("alpha").iterdir()):
+            tar.add(path, arcname=path.name)
+
+    done = toolkit_cli("deploy", str(archive), "--inventory", str(inventory), "--parallel", "3")
 
     assert done.returncode == 1
     rows = {line.split()[0]: line for line in done.stdout.splitlines()[1:]}
