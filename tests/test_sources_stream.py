@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 from pathlib import Path
 
@@ -95,7 +96,8 @@ def test_h264_over_tcp_is_cut_and_restored(h264_video, reference_frames):
         server.stop()
 
 
-def test_mjpeg_over_http_is_cut_and_restored():
+def test_mjpeg_over_http_is_cut_and_restored(caplog):
+    caplog.set_level(logging.DEBUG, logger="device.sources")
     server = MjpegServer(fps=25)
     server.start()
     try:
@@ -111,9 +113,15 @@ def test_mjpeg_over_http_is_cut_and_restored():
 
             server.restore()
             wait_for(lambda: source.state == SourceState.STREAMING, 10, "streaming again")
-            after = read_frames(source, 5)
+            after = read_frames(source, 15)
             assert source.reconnects == 1 and source.reconnect_attempts == 0
             assert frame_number(after[-1].image) > frame_number(before[-1].image)
+
+        # State changes are logged at info, once each; nothing is logged per frame.
+        changes = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
+        assert any("streaming -> reconnecting" in message for message in changes)
+        assert any("reconnecting -> streaming" in message for message in changes)
+        assert len(caplog.records) < 10 < source.frames_captured
     finally:
         server.cut()
 
