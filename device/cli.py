@@ -281,4 +281,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # Through the package, so that the commands above land on the app that runs.
+    from device.cli import main as package_main
+
+    package_main()
