@@ -128,6 +128,25 @@ def test_pre_v6_blocks_focus_spp_bottleneckcsp_load(tmp_path):
     assert _same_output(copy.deepcopy(model).half().float(), loaded) == 0.0
 
 
+def test_legacy_non_zip_format_loads(tmp_path):
+    from toolkit.checkpoint import _UPSTREAM_NAMES, _pickle_module, _upstream_layout
+
+    model = _tiny_model()
+    path = tmp_path / "legacy.pt"
+    torch.save(
+        {"model": _upstream_layout(model, half=True), "epoch": 0},
+        path,
+        pickle_module=_pickle_module(_UPSTREAM_NAMES),
+        pickle_protocol=2,
+        _use_new_zipfile_serialization=False,
+    )
+    assert not zipfile.is_zipfile(path)
+
+    loaded, checkpoint = load_model(path)
+    assert checkpoint.model_class == "models.yolo.DetectionModel"
+    assert _same_output(copy.deepcopy(model).half().float(), loaded) == 0.0
+
+
 # --- hostile checkpoints ---------------------------------------------------------------------
 
 
@@ -147,11 +166,14 @@ class _Evaluates:
         return (eval, (f"open({str(self.marker)!r}, 'w').write('pwned')",))
 
 
+@pytest.mark.parametrize("zip_format", [True, False])
 @pytest.mark.parametrize("payload", [_RunsShell, _Evaluates])
-def test_checkpoint_that_would_run_code_is_refused(tmp_path, payload):
+def test_checkpoint_that_would_run_code_is_refused(tmp_path, payload, zip_format):
     marker = tmp_path / "pwned"
     path = tmp_path / "evil.pt"
-    torch.save({"model": payload(marker), "epoch": 1}, path)
+    torch.save(
+        {"model": payload(marker), "epoch": 1}, path, _use_new_zipfile_serialization=zip_format
+    )
 
     with pytest.raises(ToolkitError) as error:
         read_checkpoint(path)

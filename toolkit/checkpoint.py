@@ -20,6 +20,7 @@ import os
 import pickle
 import tempfile
 import types
+import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -168,9 +169,12 @@ def _check_zip(path: Path) -> None:
 
 def _unpickle(path: Path) -> Any:
     try:
-        return torch.load(
-            path, map_location="cpu", pickle_module=safe_pickle, weights_only=False, mmap=False
-        )
+        with warnings.catch_warnings():
+            # The legacy format compares pickled module source with the (stub) classes.
+            warnings.filterwarnings("ignore", message="Couldn't retrieve source code")
+            return torch.load(
+                path, map_location="cpu", pickle_module=safe_pickle, weights_only=False, mmap=False
+            )
     except RefusedGlobal as exc:
         raise ToolkitError(f"{path}: {exc}") from None
     except ToolkitError:
@@ -476,6 +480,8 @@ def _pickle_module(names: dict[type, tuple[str, str]]) -> types.ModuleType:
     """A module object for ``torch.save(pickle_module=...)`` using ``names``."""
     module = types.ModuleType("upstream_pickle")
     module.Pickler = type("Pickler", (_UpstreamPickler,), {"names": names})
+    # torch's legacy (pre-1.6, non-zip) format also pickles small headers with dump().
+    module.dump = lambda obj, file, protocol=2: module.Pickler(file, protocol).dump(obj)
     return module
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import datetime as dt
+import io
 import logging
 import os
 import tempfile
@@ -174,7 +175,7 @@ def tool_versions() -> dict[str, str]:
 
 def export_onnx(model: YoloV5, info: ModelInfo, options: ExportOptions, path: Path) -> Path:
     """Trace ``model`` to ONNX at ``path``: fused, simplified, metadata attached."""
-    traced = _trace(model, options, path)
+    traced = _trace(model, options)
     if options.simplify:
         traced = _simplify(traced)
     if options.half:
@@ -185,7 +186,7 @@ def export_onnx(model: YoloV5, info: ModelInfo, options: ExportOptions, path: Pa
     return path
 
 
-def _trace(model: YoloV5, options: ExportOptions, path: Path) -> onnx.ModelProto:
+def _trace(model: YoloV5, options: ExportOptions) -> onnx.ModelProto:
     export_model_ = copy.deepcopy(model).float().eval().fuse()
     export_model_.detect.dynamic = options.dynamic_size
     for parameter in export_model_.parameters():
@@ -199,6 +200,7 @@ def _trace(model: YoloV5, options: ExportOptions, path: Path) -> onnx.ModelProto
         axes[INPUT_NAME].update({2: "height", 3: "width"})
         axes[OUTPUT_NAME][1] = "anchors"
 
+    buffer = io.BytesIO()
     with warnings.catch_warnings(), torch.no_grad():
         # The TorchScript exporter warns that it is deprecated; it is kept for its speed and
         # because its graphs load in the older onnxruntime builds that boards run.
@@ -206,7 +208,7 @@ def _trace(model: YoloV5, options: ExportOptions, path: Path) -> onnx.ModelProto
         torch.onnx.export(
             export_model_,
             (example,),
-            str(path),
+            buffer,
             dynamo=False,
             opset_version=options.opset,
             input_names=[INPUT_NAME],
@@ -214,7 +216,7 @@ def _trace(model: YoloV5, options: ExportOptions, path: Path) -> onnx.ModelProto
             dynamic_axes={k: v for k, v in axes.items() if v} or None,
             do_constant_folding=True,
         )
-    return onnx.load(str(path))
+    return onnx.load_from_string(buffer.getvalue())
 
 
 def _simplify(model: onnx.ModelProto) -> onnx.ModelProto:
