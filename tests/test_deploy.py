@@ -346,6 +346,7 @@ def test_refused_key_is_one_clear_message(deployed, tmp_path, bundles):
     with pytest.raises(RemoteError) as caught:
         deploy_device(LocalBundle.load(bundles("gamma")), device)
 
+    assert caught.value.outcome == "ssh refused"
     assert "the device refused" in str(caught.value) and "ssh-copy-id" in str(caught.value)
     assert_untouched(deployed, before)
 

@@ -125,6 +125,7 @@ def deploy_device(bundle: LocalBundle, device: DeviceSettings) -> DeviceResult:
     """Deploy ``bundle`` to one device; raises DeployError or RemoteError when it did not land."""
     started = time.monotonic()
     layout = Layout(device.root)
+    check_deploy_arguments(bundle, device)
     with Remote(device.ssh) as remote:
         report = check_device(remote, device, bundle)
         unit = unit_settings(remote, device)
@@ -201,6 +202,17 @@ def device_status(device: DeviceSettings) -> dict:
 # --- stages ---------------------------------------------------------------------------------
 
 
+def check_deploy_arguments(bundle: LocalBundle, device: DeviceSettings) -> None:
+    """Combinations that cannot work, refused before connecting to anything."""
+    if device.precision != "auto":
+        choose_model(bundle, device.precision, None)
+    if not bundle.wheel and not device.runtime_python:
+        raise DeployError(
+            f"{device.name}: the bundle carries no runtime wheel and no --runtime-python was "
+            "given: rebuild the bundle without --no-runtime, or pass --runtime-python."
+        )
+
+
 def check_device(remote: Remote, device: DeviceSettings, bundle: LocalBundle) -> dict:
     """Run the device check (read-only); stop before any change if it fails."""
     needed_mb = bundle.size_bytes / 1e6 + device.min_free_mb
@@ -228,6 +240,11 @@ def check_device(remote: Remote, device: DeviceSettings, bundle: LocalBundle) ->
         raise DeployError(
             f"{device.name}: the device check failed, nothing was changed: " + "; ".join(lines)
         )
+    for check in report["checks"]:
+        if check["status"] == "warn":
+            log.warning(
+                "%s: %s: %s (%s)", device.name, check["name"], check["found"], check["advice"]
+            )
     _warn_on_arch_mismatch(device, bundle, report)
     log.info("%s: device check passed", device.name)
     return report
@@ -284,12 +301,6 @@ def install_runtime(
         # The device check already probed this interpreter's onnxruntime and numpy.
         _require_device_package(remote, device, device.runtime_python)
         return device.runtime_python
-    if not bundle.wheel:
-        raise DeployError(
-            f"{device.name}: the bundle carries no runtime wheel and no --runtime-python was "
-            "given: rebuild the bundle without --no-runtime, or pass --runtime-python."
-        )
-
     numpy_pin = _has_system_picamera2(report)
     wheel_sha = bundle.manifest["files"][bundle.wheel]["sha256"]
     venv = layout.venv(wheel_sha[:16] + ("-numpy1" if numpy_pin else ""))
@@ -484,13 +495,10 @@ def _guarded(action, device: DeviceSettings) -> DeviceResult:
     started = time.monotonic()
     try:
         return action(device)
-    except RemoteError as exc:
-        outcome, message = "unreachable", str(exc)
-    except DeployError as exc:
+    except (RemoteError, DeployError) as exc:
         outcome, message = exc.outcome, str(exc)
     except ToolkitError as exc:
         outcome, message = "failed", str(exc)
-    log.error("%s", message)
     return DeviceResult(
         device.name,
         device.ssh.label,

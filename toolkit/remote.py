@@ -29,9 +29,13 @@ SSH_FAILURE = 255  # OpenSSH's own exit status; any other status is the remote c
 
 
 class RemoteError(ToolkitError):
-    """The device could not be reached, or refused us."""
+    """The device could not be reached (``unreachable``) or refused us (``ssh refused``)."""
 
     exit_code = 3
+
+    def __init__(self, message: str, *, outcome: str = "unreachable") -> None:
+        super().__init__(message)
+        self.outcome = outcome
 
 
 class RemoteCommandError(ToolkitError):
@@ -104,7 +108,7 @@ class Remote:
         while not socket_path.exists():
             if self._master.poll() is not None or time.monotonic() > deadline:
                 self._stop_master()
-                raise RemoteError(explain_ssh_failure(self.target, stderr_path.read_text()))
+                raise ssh_failure(self.target, stderr_path.read_text())
             time.sleep(0.02)
         log.info("connected to %s", self.target.label)
 
@@ -145,7 +149,7 @@ class Remote:
             done.stderr.decode(errors="replace"),
         )  # fmt: skip
         if done.returncode == SSH_FAILURE and _looks_like_ssh_failure(result.stderr):
-            raise RemoteError(explain_ssh_failure(self.target, result.stderr))
+            raise ssh_failure(self.target, result.stderr)
         if check and done.returncode != 0:
             detail = (result.stderr.strip() or result.stdout.strip())[-1500:]
             raise RemoteCommandError(
@@ -237,6 +241,17 @@ def validate_target(target: SshTarget) -> None:
                 f"The {what} {path} does not exist: check the path (known_hosts must list the "
                 f"device's host key; ssh-keyscan -p {target.port} {target.host} shows it)."
             )
+
+
+def ssh_failure(target: SshTarget, stderr: str) -> RemoteError:
+    """The error for an OpenSSH failure, classed as refused (keys) or unreachable (network)."""
+    refused = any(
+        marker in stderr
+        for marker in ("HOST IDENTIFICATION", "Host key verification", "Permission denied")
+    )
+    return RemoteError(
+        explain_ssh_failure(target, stderr), outcome="ssh refused" if refused else "unreachable"
+    )
 
 
 def explain_ssh_failure(target: SshTarget, stderr: str) -> str:
