@@ -264,3 +264,40 @@ def wait_for_file(folder: Path, pattern: str, process: subprocess.Popen, timeout
             return
         time.sleep(0.05)
     pytest.fail(f"no {pattern} in {folder} after {timeout} s")
+
+
+@pytest.mark.realdata
+def test_daemon_on_a_live_h264_stream_keeps_up_and_stops_at_max_frames(tmp_path, yolov5n_onnx):
+    from tests.stream_servers import ffmpeg_available, free_port, wait_listening
+
+    if not ffmpeg_available():
+        pytest.skip("ffmpeg is not installed (apt-get install ffmpeg)")
+    video = realdata_file("video/one-by-one-person-detection.mp4")
+    port = free_port()
+    # Raw H.264 over TCP in real time, as 'rpicam-vid --inline --listen' serves it, starting
+    # where the first person walks in.
+    server = subprocess.Popen(
+        ["ffmpeg", "-hide_banner", "-loglevel", "error", "-re", "-ss", "7", "-i", str(video),
+         "-t", "30", "-an", "-c:v", "copy", "-bsf:v", "h264_mp4toannexb", "-f", "h264",
+         f"tcp://127.0.0.1:{port}?listen=1"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    out = tmp_path / "out.jsonl"
+    command = daemon_command(
+        "--model", str(yolov5n_onnx), "--source", f"tcp://127.0.0.1:{port}",
+        "--max-frames", "25", "--jsonl", str(out),
+    )  # fmt: skip
+    try:
+        wait_listening(port)
+        result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
+    finally:
+        server.kill()
+        server.wait(timeout=10)
+
+    assert result.returncode == 0, result.stderr
+    assert "newest frame only" in result.stderr  # a live source never queues stale frames
+    results = read_jsonl(out)
+    frames = [r["frame"] for r in results]
+    assert len(frames) == 25 and frames == sorted(set(frames))
+    labels = [d["label"] for r in results for d in r["detections"]]
+    assert labels.count("person") >= 10
