@@ -114,6 +114,11 @@ class StreamConfig(_LiveSourceConfig):
 
     type: Literal["stream"] = "stream"
     url: str = Field(description="rtsp://, http(s):// (MJPEG), tcp://host:port (H.264), ...")
+    # An encoder can send bit-identical frames of a perfectly still scene (all-skip P-frames),
+    # so streams wait longer than cameras before calling identical frames frozen.
+    frozen_after_s: float = Field(
+        30.0, ge=0, le=3600, description="identical frames for this long count as lost; 0 disables"
+    )
     open_timeout_s: float = Field(
         10.0, gt=0, le=120, description="how long connecting may take before it counts as failed"
     )
