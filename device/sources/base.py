@@ -51,13 +51,16 @@ class FrameSource(ABC):
     def close(self) -> None:
         """Stop capturing and release the device; safe to call twice."""
 
-    def _set_state(self, state: SourceState, reason: str = "") -> None:
-        """Change state, logging the change once (never per frame)."""
+    def _set_state(self, state: SourceState, reason: str = "", *, quiet: bool = False) -> None:
+        """Change state, logging the change once (never per frame); ``quiet`` when the caller
+        raises the reason as an error instead, so that it is not reported twice."""
         if reason and state not in (SourceState.STREAMING, SourceState.ENDED):
             self.last_error = reason
         if state == self.state:
             return
         previous, self.state, self.state_since = self.state, state, time.time()
+        if quiet:
+            return
         level = logging.WARNING if state == SourceState.FAILED else logging.INFO
         suffix = f": {reason}" if reason else ""
         log.log(level, "source %s: %s -> %s%s", self.name, previous.value, state.value, suffix)

@@ -92,12 +92,12 @@ class LiveSource(FrameSource):
             self._connected = True
         except ToolkitError as exc:
             self._disconnect()
-            self._set_state(SourceState.FAILED, str(exc))
+            self._set_state(SourceState.FAILED, str(exc), quiet=True)
             raise
         except SourceLost as exc:
             self._disconnect()
             if not self.policy.retry_on_start:
-                self._set_state(SourceState.FAILED, str(exc))
+                self._set_state(SourceState.FAILED, str(exc), quiet=True)
                 raise ToolkitError(str(exc)) from exc
             self._set_state(SourceState.RECONNECTING, str(exc))
         self._thread = threading.Thread(target=self._run, name=f"source-{self.name}", daemon=True)

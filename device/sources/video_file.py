@@ -75,7 +75,7 @@ class VideoFileSource(FrameSource):
         except SourceLost as exc:
             release_quietly(capture)
             size = self.path.stat().st_size
-            self._set_state(SourceState.FAILED, str(exc))
+            self._set_state(SourceState.FAILED, str(exc), quiet=True)
             raise ToolkitError(
                 f"Could not decode {self.path} ({size} bytes): {exc}. Expected a video FFmpeg can "
                 "decode (mp4/mkv with H.264, MJPEG avi, ...). Check it with 'ffprobe "
