@@ -94,7 +94,8 @@ def test_yolov5n_onnx_finds_the_two_men_on_zidane(yolov5n_onnx, zidane_jpg):
     _assert_found(detections, "person", (747, 36, 1156, 714))
     _assert_found(detections, "person", (136, 174, 738, 720))
     _assert_found(detections, "tie", (438, 434, 506, 709), min_iou=0.6)
-    assert max(d.score for d in detections if d.label == "person") > 0.8
+    # The reference (Ultralytics' own modules, BatchNorm eps 1e-3) scores the best man 0.79.
+    assert max(d.score for d in detections if d.label == "person") > 0.75
 
 
 # --- options, on a tiny random model -------------------------------------------------------

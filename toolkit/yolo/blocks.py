@@ -34,7 +34,8 @@ class Conv(nn.Module):
     ) -> None:
         super().__init__()
         self.conv = nn.Conv2d(c1, c2, k, s, autopad(k, p, d), groups=g, dilation=d, bias=False)
-        self.bn = nn.BatchNorm2d(c2)
+        # YOLOv5 trains every BatchNorm with eps 1e-3 (the torch default 1e-5 shifts outputs).
+        self.bn = nn.BatchNorm2d(c2, eps=1e-3, momentum=0.03)
         if act is True:
             self.act: nn.Module = nn.SiLU()
         elif isinstance(act, nn.Module):
@@ -114,7 +115,7 @@ class BottleneckCSP(nn.Module):
         self.cv2 = nn.Conv2d(c1, hidden, 1, 1, bias=False)
         self.cv3 = nn.Conv2d(hidden, hidden, 1, 1, bias=False)
         self.cv4 = Conv(2 * hidden, c2, 1, 1)
-        self.bn = nn.BatchNorm2d(2 * hidden)
+        self.bn = nn.BatchNorm2d(2 * hidden, eps=1e-3, momentum=0.03)
         self.act = nn.SiLU()
         self.m = nn.Sequential(*(Bottleneck(hidden, hidden, shortcut, g, e=1.0) for _ in range(n)))
 
