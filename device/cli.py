@@ -121,6 +121,8 @@ def run_overrides(**flags: Any) -> dict[str, Any]:
         overrides.update({"outputs.mqtt.enabled": True, "outputs.mqtt.host": flags["mqtt_host"]})
     if flags.get("http_port") is not None:
         overrides.update({"outputs.http.enabled": True, "outputs.http.port": flags["http_port"]})
+    if flags.get("no_http"):
+        overrides["outputs.http.enabled"] = False
     if flags.get("snapshots") is not None:
         overrides.update(
             {"outputs.snapshots.enabled": True, "outputs.snapshots.directory": flags["snapshots"]}
@@ -172,6 +174,9 @@ def run_command(
     http_port: Annotated[
         int | None, typer.Option(help="Serve HTTP on this port (0: any free).")
     ] = None,
+    no_http: Annotated[
+        bool, typer.Option("--no-http", help="Do not serve HTTP (on by default, 127.0.0.1:8080).")
+    ] = False,
     http_host: Annotated[
         str | None, typer.Option(help="Address the HTTP server listens on.")
     ] = None,

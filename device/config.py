@@ -113,7 +113,8 @@ class OutputsConfig(_Section):
     jsonl: JsonlConfig = Field(default_factory=JsonlConfig, description="JSON lines")
     mqtt: MqttConfig = Field(default_factory=MqttConfig, description="MQTT broker")
     http: HttpConfig = Field(
-        default_factory=lambda: HttpConfig(enabled=False), description="HTTP server"
+        default_factory=HttpConfig,
+        description="HTTP server: /health, metrics, stats, latest frame (on 127.0.0.1:8080)",
     )
     snapshots: SnapshotConfig = Field(default_factory=SnapshotConfig, description="JPEG files")
 

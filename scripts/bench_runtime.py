@@ -134,7 +134,8 @@ def daemon_memory(model: Path, video: Path, frames: int, threads: int) -> dict:
             f"model: {{path: {json.dumps(str(model))}, intra_op_threads: {threads}}}\n"
             f"source: {{type: file, path: {json.dumps(str(video))}, loop: true}}\n"
             f"pipeline: {{max_frames: {frames}}}\n"
-            f"outputs: {{jsonl: {{enabled: true, path: {json.dumps(tmp + '/out.jsonl')}}}}}\n"
+            f"outputs: {{jsonl: {{enabled: true, path: {json.dumps(tmp + '/out.jsonl')}}}, "
+            "http: {port: 0}}\n"
             "log_level: warning\n"
         )
         command = [str(REPO / ".venv" / "bin" / "toolkit-device"), "run", str(config)]

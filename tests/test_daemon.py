@@ -82,7 +82,7 @@ def test_daemon_runs_a_folder_to_the_end_and_writes_exact_results(
         f"model: {{path: {constant_model}, intra_op_threads: 1}}\n"
         f"source: {{type: folder, path: {image_folder}}}\n"
         "detect: {conf: 0.5, class_conf: {car: 0.85}}\n"
-        f"outputs: {{jsonl: {{enabled: true, path: {out}}}}}\n"
+        f"outputs: {{jsonl: {{enabled: true, path: {out}}}, http: {{enabled: false}}}}\n"
     )
 
     daemon = Daemon(load_config(config_file), notifier=Notifier({"NOTIFY_SOCKET": str(path)}))
@@ -106,7 +106,7 @@ def test_sigint_stops_a_looping_source_cleanly(tmp_path, constant_model, image_f
     config_file.write_text(
         f"model: {{path: {constant_model}, intra_op_threads: 1}}\n"
         f"source: {{type: folder, path: {image_folder}, loop: true, fps: 50}}\n"
-        f"outputs: {{jsonl: {{enabled: true, path: {out}}}}}\n"
+        f"outputs: {{jsonl: {{enabled: true, path: {out}}}, http: {{port: 0}}}}\n"
     )
     process = subprocess.Popen(
         daemon_command(str(config_file)), cwd=REPO, stderr=subprocess.PIPE, text=True
@@ -143,7 +143,7 @@ def test_daemon_finds_people_in_the_real_video(tmp_path, yolov5n_onnx):
     out = tmp_path / "out.jsonl"
     command = daemon_command(
         "--model", str(yolov5n_onnx), "--source", str(video), "--max-frames", "90",
-        "--classes", "person", "--jsonl", str(out),
+        "--classes", "person", "--jsonl", str(out), "--http-port", "0",
     )  # fmt: skip
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
 
@@ -178,7 +178,7 @@ def test_sigterm_mid_stream_exits_0_with_systemd_notifications(
     config_file.write_text(
         f"model: {{path: {yolov5n_onnx}}}\n"
         f"source: {{type: file, path: {video}, loop: true}}\n"
-        f"outputs: {{jsonl: {{enabled: true, path: {out}}}}}\n"
+        f"outputs: {{jsonl: {{enabled: true, path: {out}}}, http: {{port: 0}}}}\n"
     )
     env = {**os.environ, "NOTIFY_SOCKET": str(path), "WATCHDOG_USEC": "1000000"}
     process = subprocess.Popen(
@@ -285,7 +285,7 @@ def test_daemon_on_a_live_h264_stream_keeps_up_and_stops_at_max_frames(tmp_path,
     out = tmp_path / "out.jsonl"
     command = daemon_command(
         "--model", str(yolov5n_onnx), "--source", f"tcp://127.0.0.1:{port}",
-        "--max-frames", "25", "--jsonl", str(out),
+        "--max-frames", "25", "--jsonl", str(out), "--no-http",
     )  # fmt: skip
     try:
         wait_listening(port)

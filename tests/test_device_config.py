@@ -62,6 +62,7 @@ def test_a_valid_file_loads_with_defaults_filled_in(tmp_path, model):
     assert config.detect.classes == ["person", "1"]
     assert config.pipeline.max_frames is None
     assert config.outputs.jsonl.enabled and not config.outputs.mqtt.enabled
+    assert config.outputs.http.enabled and config.outputs.http.host == "127.0.0.1"
     assert newest_frame(config) is False  # a file: every frame
 
 
@@ -182,7 +183,7 @@ def test_check_config_exits_0_for_a_valid_file(tmp_path, model):
     result = runner.invoke(app, ["check-config", str(write(tmp_path, VALID.format(model=model)))])
 
     assert result.exit_code == 0, result.output
-    assert "OK (model" in result.output and "outputs: jsonl" in result.output
+    assert "OK (model" in result.output and "outputs: jsonl, http" in result.output
 
 
 def test_check_config_exits_1_with_the_problem_for_a_bad_file(tmp_path, model):
