@@ -203,9 +203,11 @@ def load_config(
     try:
         return DaemonConfig.model_validate(data)
     except ValidationError as exc:
-        lines = [
-            format_error(error, node, flag_names or {}, overrides or {}) for error in exc.errors()
+        found = [
+            format_error(error, node, path, flag_names or {}, overrides or {})
+            for error in exc.errors()
         ]
+        lines = [text for _, text in sorted(found, key=lambda item: item[0])]
         where = f"{path}" if path is not None else "The command line"
         count = len(lines)
         header = f"{where} has {count} problem{'s' if count > 1 else ''}:"
@@ -224,8 +226,10 @@ def _set_path(data: dict, keys: list[str], value: Any) -> None:
 # Error messages
 
 
-def format_error(error: dict, node: yaml.Node | None, flag_names: dict, overrides: dict) -> str:
-    """One line: where (YAML line or flag), key path, value found, what is expected."""
+def format_error(
+    error: dict, node: yaml.Node | None, path: Path | None, flag_names: dict, overrides: dict
+) -> tuple[int, str]:
+    """(YAML line or 0, message): where (file:line or flag), key path, value, what is expected."""
     loc, model = _resolve(error["loc"])
     dotted = _dotted(loc)
     flag = next((flag_names[k] for k in overrides if k in flag_names and _covers(k, dotted)), "")
@@ -239,8 +243,10 @@ def format_error(error: dict, node: yaml.Node | None, flag_names: dict, override
         what = f"{dotted} = {_short(error.get('input'))}: {_expected(error)}"
 
     if flag:
-        return f"{flag}: {what}"
-    return f"line {line}: {what}" if line else what
+        return 0, f"{flag}: {what}"
+    if line and path is not None:
+        return line, f"{path}:{line}: {what}"
+    return line or 0, what
 
 
 def _resolve(raw_loc: tuple) -> tuple[tuple, type[BaseModel] | None]:

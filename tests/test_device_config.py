@@ -86,7 +86,7 @@ def test_unknown_key_is_reported_with_line_path_and_the_keys_expected(tmp_path):
     text = "model:\n  path: m.onnx\n  threads: 4\nsource: {type: file, path: v.mp4}\n"
     message = problems(write(tmp_path, text))
 
-    assert "line 3: model.threads: unknown key; did you mean 'intra_op_threads'?" in message
+    assert "daemon.yaml:3: model.threads: unknown key; did you mean 'intra_op_threads'?" in message
     assert "expected one of: path, intra_op_threads, inter_op_threads, allow_spinning" in message
 
 
@@ -104,17 +104,18 @@ def test_bad_values_are_reported_with_path_value_and_expectation(tmp_path):
     message = problems(write(tmp_path, text))
 
     assert "has 3 problems" in message
-    assert "line 4: detect.conf = 1.5: expected a number at most 1" in message
-    assert "line 5: detect.classes[1] = 2.5: expected a class name (person) or id (0)" in message
-    assert "line 8: outputs.mqtt.port = 'http': input should be a valid integer" in message
+    assert "daemon.yaml:4: detect.conf = 1.5: expected a number at most 1" in message
+    expected = "daemon.yaml:5: detect.classes[1] = 2.5: expected a class name (person) or id (0)"
+    assert expected in message
+    assert "daemon.yaml:8: outputs.mqtt.port = 'http': input should be a valid integer" in message
 
 
 def test_source_keys_are_checked_against_the_chosen_type(tmp_path):
     text = "model: {path: m.onnx}\nsource:\n  type: usb\n  device: /dev/video0\n  paht: x\n"
     message = problems(write(tmp_path, text))
 
-    assert "line 5: source.paht: unknown key; did you mean 'path'?" not in message
-    assert "line 5: source.paht: unknown key" in message
+    assert "daemon.yaml:5: source.paht: unknown key; did you mean 'path'?" not in message
+    assert "daemon.yaml:5: source.paht: unknown key" in message
     assert "(expected one of: type, camera" not in message  # the usb keys, not the Pi camera's
     assert "device" in message
 
@@ -122,7 +123,7 @@ def test_source_keys_are_checked_against_the_chosen_type(tmp_path):
 def test_unknown_source_type_lists_the_known_ones(tmp_path):
     message = problems(write(tmp_path, "model: {path: m.onnx}\nsource: {type: webcam}\n"))
 
-    assert "line 2: source = " in message
+    assert "daemon.yaml:2: source = " in message
     assert "'picamera', 'usb', 'stream', 'file', 'folder'" in message
 
 
@@ -191,7 +192,7 @@ def test_check_config_exits_1_with_the_problem_for_a_bad_file(tmp_path, model):
     result = runner.invoke(app, ["check-config", str(write(tmp_path, text))])
 
     assert result.exit_code == 1
-    assert "line 7: detect.conf = 'high': input should be a valid number" in result.output
+    assert "daemon.yaml:7: detect.conf = 'high': input should be a valid number" in result.output
 
 
 def test_check_config_checks_the_model_file_unless_schema_only(tmp_path):
