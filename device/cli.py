@@ -67,6 +67,7 @@ RUN_FLAGS = {
     "model.allow_spinning": "--spinning",
     "source": "--source",
     "pipeline.max_frames": "--max-frames",
+    "pipeline.max_fps": "--max-fps",
     "pipeline.frame_policy": "--frame-policy",
     "detect.conf": "--conf",
     "detect.iou": "--iou",
@@ -95,6 +96,7 @@ def run_overrides(**flags: Any) -> dict[str, Any]:
         "model": "model.path",
         "threads": "model.intra_op_threads",
         "max_frames": "pipeline.max_frames",
+        "max_fps": "pipeline.max_fps",
         "frame_policy": "pipeline.frame_policy",
         "conf": "detect.conf",
         "iou": "detect.iou",
@@ -156,6 +158,9 @@ def run_command(
         ),
     ] = None,
     max_frames: Annotated[int | None, typer.Option(help="Stop after this many frames.")] = None,
+    max_fps: Annotated[
+        float | None, typer.Option(help="Run the model at most this many times a second.")
+    ] = None,
     conf: Annotated[
         float | None, typer.Option(help="Minimum score (objectness x class), 0..1.")
     ] = None,

@@ -95,6 +95,9 @@ class PipelineConfig(_Section):
         description="newest: skip to the newest frame (cameras); every: process all (files); "
         "auto: newest for live sources, every for files and folders",
     )
+    max_fps: float | None = Field(
+        None, gt=0, le=1000, description="run the model at most this often (None: flat out)"
+    )
     read_timeout_s: float = Field(0.5, gt=0, le=60, description="wait per read from the source")
     health_max_frame_age_s: float = Field(
         10.0, gt=0, le=3600, description="healthy while a frame was processed this recently"

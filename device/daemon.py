@@ -113,6 +113,7 @@ class Daemon:
             newest_frame=newest_frame(self.config),
             max_frames=self.config.pipeline.max_frames,
             read_timeout=self.config.pipeline.read_timeout_s,
+            max_fps=self.config.pipeline.max_fps,
             on_done=self._wake.set,
         )
         pipeline.start()

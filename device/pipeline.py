@@ -79,6 +79,7 @@ class Pipeline:
         newest_frame: bool,
         max_frames: int | None = None,
         read_timeout: float = 0.5,
+        max_fps: float | None = None,
         on_done: Callable[[], None] | None = None,
     ) -> None:
         self.source = source
@@ -89,6 +90,7 @@ class Pipeline:
         self.newest_frame = newest_frame
         self.max_frames = max_frames
         self.read_timeout = read_timeout
+        self.min_interval = 1.0 / max_fps if max_fps else 0.0
         self.on_done = on_done  # called once from the stage that finishes, e.g. to wake a waiter
 
         self.frames_published = 0
@@ -118,9 +120,10 @@ class Pipeline:
             self._threads.append(thread)
             thread.start()
         log.info(
-            "Pipeline running: %s, %s%s",
+            "Pipeline running: %s, %s%s%s",
             self.source.name,
             "newest frame only" if self.newest_frame else "every frame",
+            f", at most {1 / self.min_interval:g} fps" if self.min_interval else "",
             f", stopping after {self.max_frames} frames" if self.max_frames else "",
         )
 
@@ -224,7 +227,13 @@ class Pipeline:
 
     def _inference_loop(self) -> None:
         clock = self._clocks["inference"]
+        next_due = 0.0
         while True:
+            if self.min_interval:
+                # Throttled: wait first, then take the newest frame prepared meanwhile.
+                if self._stop.wait(max(0.0, next_due - time.monotonic())):
+                    return
+                next_due = max(next_due + self.min_interval, time.monotonic())
             got, job = self._get(self._to_infer)
             if not got:
                 return

@@ -198,3 +198,14 @@ def test_a_stage_waiting_for_input_is_not_reported_as_stalled(detector):
     assert pipeline.stalled(limit=1.0) == []
     pipeline.stop()
     assert pipeline.join(10) == []
+
+
+def test_max_fps_spaces_out_inference(detector):
+    sink = RecordingSink()
+    pipeline = make(detector, ScriptedSource(6), [sink], max_fps=20.0)
+    started = time.monotonic()
+    run(pipeline)
+
+    assert sink.frames == list(range(6))  # every frame of a file, only later
+    # Six runs at most 20 a second cannot take less than five intervals.
+    assert time.monotonic() - started >= 5 / 20
