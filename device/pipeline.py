@@ -272,10 +272,11 @@ class Pipeline:
         clock.begin()
         for sink in self.sinks:
             self._publish_to(sink, result)
-        job.timings["publish"] = clock.end()
+        # A new dict: outputs may still be reading the result's own from their threads.
+        timings = {**job.timings, "publish": clock.end()}
 
         self.frames_published += 1
-        self.stats.record_frame(job.timings, [d.label for d in detections])
+        self.stats.record_frame(timings, [d.label for d in detections])
         source_status = self.source.status()
         source_status["frames_dropped"] += self.frames_skipped  # both are dropped to stay current
         self.stats.record_source(source_status)
