@@ -84,6 +84,20 @@ def open_session(model_path: str | Path, config: SessionConfig) -> ort.Inference
         ) from exc
 
 
+def _adopt_graph_names(info: ModelInfo, session: ort.InferenceSession) -> ModelInfo:
+    """An Ultralytics export's metadata has no tensor names (older ones call the output
+    'output', newer ones 'output0') and may lack imgsz: take them from its only input and
+    output."""
+    inputs, outputs = session.get_inputs(), session.get_outputs()
+    if len(inputs) != 1 or len(outputs) < 1:
+        return info
+    update: dict = {"input_name": inputs[0].name, "output_name": outputs[0].name}
+    height, width = inputs[0].shape[2:4]
+    if isinstance(height, int) and isinstance(width, int):
+        update["input_size"] = (height, width)
+    return info.model_copy(update=update)
+
+
 class Detector:
     """A YOLOv5 ONNX model ready to turn BGR frames into detections."""
 
@@ -98,6 +112,8 @@ class Detector:
         self.postprocess_config = postprocess_config or PostprocessConfig()
         self.session = open_session(self.model_path, self.session_config)
         self.info = model_info_from_session(self.session, self.model_path)
+        if self.info.source.kind == "ultralytics-onnx":
+            self.info = _adopt_graph_names(self.info, self.session)
         self._input_dtype = self._check_session()
         check_class_ids(self.postprocess_config, self.info.num_classes)
 

@@ -97,3 +97,21 @@ def test_a_file_that_is_not_onnx_is_reported(tmp_path):
 
     with pytest.raises(ToolkitError, match=r"could not load .*junk.onnx"):
         Detector(junk)
+
+
+def test_an_ultralytics_export_with_only_its_own_metadata_runs(tmp_path):
+    # Older YOLOv5 exports name the output 'output' and carry only 'stride' and 'names'.
+    model = write_constant_model(
+        tmp_path / "ultralytics.onnx",
+        fixed_rows(),
+        NAMES,
+        input_size=(480, 640),
+        output_name="output",
+        metadata={"stride": "32", "names": "{0: 'person', 1: 'car'}"},
+    )
+    detector = Detector(model, session_config=SessionConfig(intra_op_threads=1))
+    found = detector.detect(np.zeros((480, 640, 3), dtype=np.uint8))
+
+    assert detector.info.output_name == "output"
+    assert detector.info.input_size == (480, 640)
+    assert [d.label for d in found] == ["person", "car"]
