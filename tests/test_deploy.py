@@ -548,3 +548,21 @@ def test_root_ssh_user_without_a_service_user_is_refused(devices, bundles):
         deploy_device(LocalBundle.load(bundles("alpha")), device)
 
     assert list(root_of(device).iterdir()) == []
+
+
+def test_a_second_deploy_while_one_runs_is_refused(deployed, bundles):
+    lock = root_of(deployed) / ".deploy-lock"
+    lock.mkdir()
+    (lock / "owner").write_text("ci-runner pid 4242 since now\n")
+    before = snapshot(root_of(deployed))
+    try:
+        [result] = run_on_devices(
+            lambda d: deploy_device(LocalBundle.load(bundles("gamma")), d), [deployed], 1
+        )
+        assert_untouched(deployed, before)
+    finally:
+        (lock / "owner").unlink()
+        lock.rmdir()
+
+    assert result.outcome == "locked"
+    assert "another deploy is running" in result.message and "ci-runner pid 4242" in result.message

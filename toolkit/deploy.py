@@ -12,9 +12,12 @@ that starts the unit's ExecStart as a background process.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 import shlex
+import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -129,36 +132,50 @@ def deploy_device(bundle: LocalBundle, device: DeviceSettings) -> DeviceResult:
     with Remote(device.ssh) as remote:
         report = check_device(remote, device, bundle)
         unit = unit_settings(remote, device)
-        state = read_state(remote, device)
-        uploaded = upload_release(remote, device, layout, bundle, state)
-        try:
-            python = install_runtime(remote, device, layout, bundle, report)
-            prepare_release(remote, device, layout, bundle, python, report)
-            install_unit(remote, device, layout, unit)
-        except ToolkitError:
-            if uploaded:
-                discard_release(remote, layout, bundle.release)
-            raise
-        fallback = _fallback(state, bundle.release)
-        urls = {**recorded_health_urls(state), bundle.release: health_url(device, bundle)}
-        activate(remote, device, layout, bundle.release, fallback, urls)
-        prune_releases(remote, device, layout, state, bundle.release, python)
+        with deploy_lock(remote, device, layout):
+            previous = install_release(remote, device, layout, bundle, report, unit)
     return DeviceResult(
         device.name,
         device.ssh.label,
         "deployed",
         release=bundle.release,
-        previous=fallback,
+        previous=previous,
         message="healthy",
         seconds=time.monotonic() - started,
     )
+
+
+def install_release(
+    remote: Remote,
+    device: DeviceSettings,
+    layout: Layout,
+    bundle: LocalBundle,
+    report: dict,
+    unit: UnitSettings,
+) -> str | None:
+    """Upload, install, switch and prove the release; the release it replaced, if any."""
+    state = read_state(remote, device)
+    uploaded = upload_release(remote, device, layout, bundle, state)
+    try:
+        python = install_runtime(remote, device, layout, bundle, report)
+        prepare_release(remote, device, layout, bundle, python, report)
+        install_unit(remote, device, layout, unit)
+    except ToolkitError:
+        if uploaded:
+            discard_release(remote, layout, bundle.release)
+        raise
+    fallback = _fallback(state, bundle.release)
+    urls = {**recorded_health_urls(state), bundle.release: health_url(device, bundle)}
+    activate(remote, device, layout, bundle.release, fallback, urls)
+    prune_releases(remote, device, layout, state, bundle.release, python)
+    return fallback
 
 
 def rollback_device(device: DeviceSettings) -> DeviceResult:
     """Switch a device back to its previous release and restart it."""
     started = time.monotonic()
     layout = Layout(device.root)
-    with Remote(device.ssh) as remote:
+    with Remote(device.ssh) as remote, deploy_lock(remote, device, layout):
         state = read_state(remote, device)
         if not state["previous"]:
             raise DeployError(
@@ -176,6 +193,30 @@ def rollback_device(device: DeviceSettings) -> DeviceResult:
         message="healthy",
         seconds=time.monotonic() - started,
     )
+
+
+@contextlib.contextmanager
+def deploy_lock(remote: Remote, device: DeviceSettings, layout: Layout):
+    """One deploy or rollback per device at a time (mkdir is atomic); freed on every exit."""
+    lock = shlex.quote(f"{layout.root}/.deploy-lock")
+    owner = shlex.quote(f"{socket.gethostname()} pid {os.getpid()} since {time.ctime()}")
+    script = (
+        f"mkdir -p {shlex.quote(layout.root)} && mkdir {lock} 2>/dev/null "
+        f"&& echo {owner} > {lock}/owner || {{ cat {lock}/owner 2>/dev/null; exit 75; }}"
+    )
+    done = remote.run(["sh", "-c", script], check=False, what="take the deploy lock")
+    if done.returncode != 0:
+        raise DeployError(
+            f"{device.name}: another deploy is running on this device "
+            f"({done.stdout.strip() or 'owner unknown'}). Wait for it; if it died, remove "
+            f"{layout.root}/.deploy-lock on the device.",
+            outcome="locked",
+        )
+    try:
+        yield
+    finally:
+        with contextlib.suppress(ToolkitError):  # the connection may be what failed
+            remote.run(["rm", "-rf", f"{layout.root}/.deploy-lock"], what="free the deploy lock")
 
 
 def device_status(device: DeviceSettings) -> dict:
@@ -277,6 +318,7 @@ def upload_release(
 
     incoming = layout.incoming(bundle.release)
     try:
+        remote.run(["rm", "-rf", incoming], what="clear an interrupted upload")
         remote.upload_directory(bundle.path, incoming)
         _verify_remote(
             remote, device, incoming, bundle, then_move_to=layout.release(bundle.release)
