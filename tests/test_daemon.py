@@ -301,3 +301,22 @@ def test_daemon_on_a_live_h264_stream_keeps_up_and_stops_at_max_frames(tmp_path,
     assert len(frames) == 25 and frames == sorted(set(frames))
     labels = [d["label"] for r in results for d in r["detections"]]
     assert labels.count("person") >= 10
+
+
+def test_startup_problems_exit_1_with_a_message_and_no_traceback(tmp_path, constant_model):
+    junk_video = tmp_path / "broken.mp4"
+    junk_video.write_bytes(b"\x00" * 4096)
+    cases = [
+        (["--model", str(tmp_path / "absent.onnx"), "--source", str(junk_video)],
+         "Model file not found"),
+        (["--model", str(constant_model), "--source", str(junk_video)], "broken.mp4"),
+    ]  # fmt: skip
+    for args, expected in cases:
+        result = subprocess.run(
+            daemon_command(*args, "--no-http"), cwd=REPO, capture_output=True, text=True,
+            timeout=60,
+        )  # fmt: skip
+
+        assert result.returncode == 1, result.stderr
+        assert expected in result.stderr
+        assert "Traceback" not in result.stderr
