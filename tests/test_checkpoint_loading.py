@@ -99,6 +99,34 @@ def test_fp32_fused_checkpoint_with_leaky_relu_loads(tmp_path):
     assert _same_output(model, loaded) < 1e-6
 
 
+def test_batch_norm_settings_come_from_the_checkpoint(tmp_path):
+    model = _tiny_model()
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.eps = 1e-5  # as a checkpoint trained outside YOLOv5's recipe might carry
+    path = save_ultralytics_checkpoint(model, tmp_path / "eps.pt", half=False)
+
+    loaded, _ = load_model(path)
+
+    assert {m.eps for m in loaded.modules() if isinstance(m, nn.BatchNorm2d)} == {1e-5}
+    assert _same_output(model, loaded) == 0.0
+
+
+@pytest.mark.realdata
+def test_yolov5n_batch_norms_use_eps_1e_3(yolov5n_pt):
+    model, _ = load_model(yolov5n_pt)
+    assert {m.eps for m in model.modules() if isinstance(m, nn.BatchNorm2d)} == {1e-3}
+
+
+def test_conv_settings_that_disagree_with_the_architecture_are_refused(tmp_path):
+    model = _tiny_model()
+    model.model[1].conv.stride = (1, 1)  # the pickled layer no longer matches the yaml
+    path = save_ultralytics_checkpoint(model, tmp_path / "odd.pt")
+
+    with pytest.raises(ToolkitError, match=r"layer model\.1\.conv has stride \(1, 1\)"):
+        load_model(path)
+
+
 def test_pre_v6_blocks_focus_spp_bottleneckcsp_load(tmp_path):
     cfg = load_config("yolov5n")
     cfg["width_multiple"] = TINY_WIDTH

@@ -40,6 +40,12 @@ log = logging.getLogger(__name__)
 
 _MODEL_CLASSES = {"models.yolo.Model", "models.yolo.DetectionModel"}
 _ACTIVATIONS = {"SiLU", "ReLU", "LeakyReLU", "Hardswish", "Identity", "Sigmoid"}
+# Layer hyperparameters read from the pickle: batch-norm ones are applied (YOLOv5 trains with
+# eps 1e-3, others may not), convolution ones must agree with the architecture dict.
+_SETTINGS = {
+    "BatchNorm2d": ("eps", "momentum"),
+    "Conv2d": ("kernel_size", "stride", "padding", "dilation", "groups"),
+}
 # Buffers older YOLOv5 versions registered that the model derives itself.
 _DERIVED_BUFFERS = ("anchor_grid",)
 
@@ -58,6 +64,7 @@ class Checkpoint:
     weights_dtype: str
     fused: bool = False
     activations: dict[str, nn.Module] = field(default_factory=dict)
+    layer_settings: dict[str, dict[str, Any]] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -88,6 +95,7 @@ def build_from_checkpoint(checkpoint: Checkpoint) -> YoloV5:
     """The project's YoloV5 with the checkpoint's architecture and weights (float32, eval)."""
     model = build_model(checkpoint.architecture, names=checkpoint.names)
     _apply_activations(model, checkpoint.activations)
+    _apply_layer_settings(model, checkpoint)
     if checkpoint.fused:
         model.fuse()
     _copy_weights(model, checkpoint)
@@ -244,7 +252,8 @@ def _describe(model: ModuleStub, root: Any, path: Path) -> Checkpoint:
 
     tensors: dict[str, torch.Tensor] = {}
     activations: dict[str, nn.Module] = {}
-    fused = _collect(model, "", tensors, activations)
+    settings: dict[str, dict[str, Any]] = {}
+    fused = _collect(model, "", tensors, activations, settings)
     if not tensors:
         raise ToolkitError(f"{path}: the model holds no weights.")
 
@@ -264,12 +273,17 @@ def _describe(model: ModuleStub, root: Any, path: Path) -> Checkpoint:
         weights_dtype="/".join(dtypes),
         fused=fused,
         activations=activations,
+        layer_settings=settings,
         extra=_extra(root),
     )
 
 
 def _collect(
-    stub: ModuleStub, prefix: str, tensors: dict[str, torch.Tensor], activations: dict
+    stub: ModuleStub,
+    prefix: str,
+    tensors: dict[str, torch.Tensor],
+    activations: dict[str, nn.Module],
+    settings: dict[str, dict[str, Any]],
 ) -> bool:
     """Gather parameters and persistent buffers by name; return whether Convs were fused."""
     state = stub.state
@@ -291,7 +305,10 @@ def _collect(
             continue
         if child.kind in _ACTIVATIONS:
             activations[prefix + name] = _activation(child)
-        fused = _collect(child, f"{prefix}{name}.", tensors, activations) or fused
+        if child.kind in _SETTINGS:
+            kept = {k: child.state[k] for k in _SETTINGS[child.kind] if k in child.state}
+            settings[prefix + name] = {"kind": child.kind, **kept}
+        fused = _collect(child, f"{prefix}{name}.", tensors, activations, settings) or fused
     return fused
 
 
@@ -327,6 +344,34 @@ def _apply_activations(model: YoloV5, activations: dict[str, nn.Module]) -> None
             continue
         if isinstance(getattr(parent, name, None), nn.Module):
             setattr(parent, name, activation)
+
+
+def _apply_layer_settings(model: YoloV5, checkpoint: Checkpoint) -> None:
+    modules = dict(model.named_modules())
+    for path, settings in checkpoint.layer_settings.items():
+        module = modules.get(path)
+        if isinstance(module, nn.BatchNorm2d) and settings["kind"] == "BatchNorm2d":
+            module.eps = float(settings.get("eps", module.eps))
+            module.momentum = settings.get("momentum", module.momentum)
+        elif isinstance(module, nn.Conv2d) and settings["kind"] == "Conv2d":
+            _check_conv(module, path, settings, checkpoint.path)
+
+
+def _check_conv(conv: nn.Conv2d, path: str, settings: dict[str, Any], source: Path) -> None:
+    for key in _SETTINGS["Conv2d"]:
+        if key not in settings:
+            continue
+        pickled, built = settings[key], getattr(conv, key)
+        if isinstance(pickled, list):
+            pickled = tuple(pickled)
+        if isinstance(built, tuple) and isinstance(pickled, int):
+            pickled = (pickled,) * len(built)
+        if pickled != built:
+            raise ToolkitError(
+                f"{source}: layer {path} has {key} {pickled} in the checkpoint but {built} in "
+                "the architecture it carries. The file is inconsistent or from an unsupported "
+                "YOLOv5 variant."
+            )
 
 
 @torch.no_grad()
