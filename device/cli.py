@@ -262,6 +262,25 @@ def check_config_command(
     )
 
 
+@app.command("example-config")
+def example_config_command(
+    source: Annotated[
+        str, typer.Option(help="Source type to show: picamera, usb, stream, file or folder.")
+    ] = "usb",
+) -> None:
+    """Print a complete daemon config with every default and what it means.
+
+    toolkit-device example-config --source picamera > daemon.yaml
+    """
+    from device.config import example_yaml
+
+    if source not in ("picamera", "usb", "stream", "file", "folder"):
+        raise ConfigError(
+            f"--source: expected picamera, usb, stream, file or folder, got {source!r}."
+        )
+    typer.echo(example_yaml(source), nl=False)
+
+
 def check_model_reference(config) -> None:
     """The model file exists, loads, and has the classes the config names."""
     from device.daemon import postprocess_config

@@ -24,6 +24,7 @@ Example::
 from __future__ import annotations
 
 import difflib
+import json
 import logging
 import typing
 from pathlib import Path
@@ -127,8 +128,7 @@ class DaemonConfig(_Section):
 
     model: ModelConfig = Field(description="the ONNX model, e.g. model: {path: yolov5n.onnx}")
     source: SourceConfig = Field(
-        description="where frames come from, e.g. source: {type: usb, device: /dev/video0}; "
-        "type is one of picamera, usb, stream, file, folder"
+        description="where frames come from, e.g. source: {type: usb, device: /dev/video0}"
     )
     detect: DetectConfig = Field(default_factory=DetectConfig)
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
@@ -363,3 +363,45 @@ def _description(key: str, model: type[BaseModel] | None) -> str:
     if field is not None and field.description:
         return field.description
     return "see 'toolkit-device run --help'"
+
+
+# A complete example, generated from the schema so that it never drifts from it
+
+
+def example_yaml(source_type: str = "usb") -> str:
+    """Every key with its default and description, as a YAML file to start from."""
+    required = {
+        "stream": {"url": "tcp://raspberrypi.local:8888"},
+        "file": {"path": "/home/pi/video.mp4"},
+        "folder": {"path": "/home/pi/images"},
+    }
+    source = {"type": source_type, **required.get(source_type, {})}
+    config = DaemonConfig(model={"path": "/opt/edge-yolo/model.onnx"}, source=source)
+    lines = [
+        "# toolkit-device daemon config (toolkit-device run FILE; check: toolkit-device "
+        "check-config FILE).",
+        "# Every key shows its default; delete the ones you do not change.",
+    ]
+    _render(DaemonConfig, config.model_dump(mode="json"), 0, lines)
+    return "\n".join(lines) + "\n"
+
+
+def _render(model: type[BaseModel], values: dict, depth: int, lines: list[str]) -> None:
+    pad = "  " * depth
+    fields = sorted(model.model_fields.items(), key=lambda item: item[0] != "type")
+    for name, field in fields:
+        value = values[name]
+        description = field.description or ""
+        nested = _field_model(field.annotation)
+        if nested is _SOURCE_UNION:
+            nested = _SOURCE_MODELS[value["type"]]
+            description += f"; type: {' | '.join(_SOURCE_MODELS)}, the other keys depend on it"
+        if isinstance(value, dict) and isinstance(nested, type):
+            if description:
+                lines.append(f"{pad}# {description}")
+            lines.append(f"{pad}{name}:")
+            _render(nested, value, depth + 1, lines)
+        else:
+            # JSON is YAML's flow style: strings quoted, null, true, [..], {..}.
+            comment = f"  # {description}" if description else ""
+            lines.append(f"{pad}{name}: {json.dumps(value)}{comment}")

@@ -232,3 +232,20 @@ def test_the_installed_command_reports_a_bad_flag_and_exits_2(tmp_path, model):
     assert result.returncode == 2
     assert "--iou: detect.iou = 2.0: expected a number at most 1" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("source", ["picamera", "usb", "stream", "file", "folder"])
+def test_example_config_is_valid_and_shows_every_default(tmp_path, source):
+    result = runner.invoke(app, ["example-config", "--source", source])
+    assert result.exit_code == 0, result.output
+    path = tmp_path / "example.yaml"
+    path.write_text(result.output)
+
+    config = load_config(path)
+
+    assert config.source.type == source
+    # Nothing in the example differs from the defaults it documents.
+    assert config.detect == type(config.detect)()
+    assert config.pipeline == type(config.pipeline)()
+    assert config.outputs.model_dump() == type(config.outputs)().model_dump()
+    assert "# minimum objectness x class score" in result.output
