@@ -93,11 +93,15 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
 
 def build_from_checkpoint(checkpoint: Checkpoint) -> YoloV5:
     """The project's YoloV5 with the checkpoint's architecture and weights (float32, eval)."""
-    model = build_model(checkpoint.architecture, names=checkpoint.names)
-    _apply_activations(model, checkpoint.activations)
-    _apply_layer_settings(model, checkpoint)
-    if checkpoint.fused:
-        model.fuse()
+    # Built on the meta device: shapes only, no random initialisation; every tensor is then
+    # allocated empty and filled from the checkpoint (a strict load, so none stays empty).
+    with torch.device("meta"):
+        model = build_model(checkpoint.architecture, names=checkpoint.names)
+        _apply_activations(model, checkpoint.activations)
+        _apply_layer_settings(model, checkpoint)
+        if checkpoint.fused:
+            model.fuse()
+    model.to_empty(device="cpu")
     _copy_weights(model, checkpoint)
     _check_stride(model, checkpoint)
     log.info(
