@@ -263,6 +263,16 @@ def test_yolov8_checkpoint_is_refused_with_its_origin(tmp_path, monkeypatch):
     assert "YOLOv8" in str(error.value)
 
 
+def test_other_model_is_refused_as_not_yolov5(tmp_path, monkeypatch):
+    path = tmp_path / "resnet.pt"
+    _save_with_fake_class(path, monkeypatch, "torchvision.models.resnet", "ResNet")
+    monkeypatch.undo()
+
+    with pytest.raises(ToolkitError) as error:
+        read_checkpoint(path)
+    assert "'torchvision.models.resnet.ResNet', which is not part of a YOLOv5" in str(error.value)
+
+
 def test_unsupported_yolov5_block_is_named(tmp_path, monkeypatch):
     path = tmp_path / "ghost.pt"
     _save_with_fake_class(path, monkeypatch, "models.common", "GhostConv")

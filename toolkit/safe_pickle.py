@@ -74,6 +74,43 @@ DATA_CLASSES = {
 }
 
 
+# Where a pickle's globals would reach the system; named as a likely attack, not a wrong file.
+_SYSTEM_MODULES = {
+    "os",
+    "posix",
+    "nt",
+    "subprocess",
+    "builtins",
+    "sys",
+    "shutil",
+    "socket",
+    "importlib",
+    "pickle",
+    "runpy",
+    "code",
+    "codeop",
+    "pty",
+    "ctypes",
+    "webbrowser",
+    "multiprocessing",
+    "signal",
+    "io",
+    "tempfile",
+    "urllib",
+    "http",
+    "asyncio",
+    "threading",
+    "functools",
+    "operator",
+    "types",
+    "inspect",
+    "marshal",
+    "_io",
+    "_posixsubprocess",
+    "torch",
+}
+
+
 class RefusedGlobal(ToolkitError):
     """The pickle names a global outside the allow-list."""
 
@@ -141,6 +178,12 @@ def _refusal(module: str, name: str) -> RefusedGlobal:
             f"This checkpoint uses the YOLOv5 component '{qualname}', which this toolkit does "
             f"not implement (supported blocks: {', '.join(supported)}; detection models only). "
             "Export it with YOLOv5's own export.py, or retrain with a supported architecture."
+        )
+    elif name[:1].isupper() and module.split(".")[0] not in _SYSTEM_MODULES:
+        why = (
+            f"This file holds {qualname!r}, which is not part of a YOLOv5 detection model. "
+            "Expected an Ultralytics YOLOv5 checkpoint (models.yolo.Model or DetectionModel, "
+            "as YOLOv5's train.py saves it). Nothing from the file was imported or executed."
         )
     else:
         why = (
