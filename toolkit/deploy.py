@@ -683,13 +683,18 @@ def _create_venv(
         [
             f"if [ -f {quoted_venv}/.complete ]; then echo reused; exit 0; fi",
             f"rm -rf {quoted_venv}",
-            f"{device.device_python} -m venv --system-site-packages {quoted_venv}",
+            f"trap 'rm -rf {quoted_venv}' EXIT",  # any failure below leaves no half venv
+            # Without pip of its own the venv uses the OS's (seen through system site-packages):
+            # seconds instead of a minute of ensurepip on a Pi; ensurepip only if there is none.
+            f"{device.device_python} -m venv --system-site-packages --without-pip {quoted_venv}",
+            f"{quoted_venv}/bin/python -m pip --version >/dev/null 2>&1 "
+            f"|| {quoted_venv}/bin/python -m ensurepip --default-pip >/dev/null",
             # The OS's picamera2 is built against numpy 1.x.
             f"printf 'numpy<2\\n' > {quoted_venv}/constraints.txt" if numpy_pin else ":",
             f"{quoted_venv}/bin/python -m pip install --disable-pip-version-check --no-input "
-            f"--quiet {device.pip_args} {constraint} {shlex.quote(wheel)} "
-            f"|| {{ status=$?; rm -rf {quoted_venv}; exit $status; }}",
+            f"--quiet {device.pip_args} {constraint} {shlex.quote(wheel)}",
             f"touch {quoted_venv}/.complete",
+            "trap - EXIT",
             "echo created",
         ]
     )
