@@ -107,7 +107,6 @@ _SYSTEM_MODULES = {
     "marshal",
     "_io",
     "_posixsubprocess",
-    "torch",
 }
 
 
