@@ -79,9 +79,13 @@ def restart(state: Path, name: str) -> int:
     stop(state, name)
     unit = read_unit(state, name)
     env = dict(os.environ)
-    for assignment in unit["Environment"]:
+    assignments = list(unit["Environment"])
+    environment_file = Path(unit.get("EnvironmentFile", "-").lstrip("-") or "/nonexistent")
+    if environment_file.is_file():  # optional with '-', as systemd reads it
+        assignments += [line for line in environment_file.read_text().splitlines() if "=" in line]
+    for assignment in assignments:
         key, _, value = assignment.partition("=")
-        env[key] = value
+        env[key.strip()] = value.strip()
     notify_path = state / f"{name}.notify"
     notify_path.unlink(missing_ok=True)
     notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)

@@ -262,6 +262,20 @@ def test_config_the_daemon_would_reject_is_refused_with_its_key(tmp_path, models
         )
 
 
+def test_config_without_the_health_endpoint_is_refused(tmp_path, models, daemon_config):
+    config = yaml.safe_load(daemon_config.read_text())
+    config["outputs"]["http"]["enabled"] = False
+    daemon_config.write_text(yaml.safe_dump(config))
+
+    with pytest.raises(ToolkitError, match=r"set outputs.http.enabled: true"):
+        build_bundle(
+            [BundleModel("fp32", models["fp32"])],
+            tmp_path / "b",
+            config=daemon_config,
+            include_runtime=False,
+        )
+
+
 def test_int8_model_given_as_fp32_is_refused(tmp_path, models):
     with pytest.raises(ToolkitError, match="its metadata says INT8: pass it with --int8"):
         build_bundle([BundleModel("fp32", models["int8"])], tmp_path / "b", include_runtime=False)

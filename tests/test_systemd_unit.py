@@ -86,6 +86,7 @@ def test_unit_runs_a_watched_sandboxed_camera_daemon(tmp_path):
         "PrivateTmp=yes",
         "NoNewPrivileges=yes",
         "CapabilityBoundingSet=",
+        "EnvironmentFile=-/opt/edge-yolo/environment",
         "WantedBy=multi-user.target",
     ]:
         assert expected in lines

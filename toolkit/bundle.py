@@ -230,9 +230,13 @@ def check_daemon_config(path: Path, original: Path | None) -> None:
 def health_url_from_config(config_text: str) -> str:
     """Where the daemon's /health answers on the device itself."""
     document = yaml.safe_load(config_text) or {}
-    http = document.get("http") or (document.get("outputs") or {}).get("http") or {}
-    port = http.get("port", DEFAULT_HEALTH_PORT) if isinstance(http, dict) else DEFAULT_HEALTH_PORT
-    return f"http://127.0.0.1:{port}/health"
+    http = (document.get("outputs") or {}).get("http") or {}
+    if http.get("enabled") is False:
+        raise ToolkitError(
+            "The daemon config disables outputs.http, but deploy proves each release through "
+            "its GET /health: set outputs.http.enabled: true (host 127.0.0.1 keeps it local)."
+        )
+    return f"http://127.0.0.1:{http.get('port', DEFAULT_HEALTH_PORT)}/health"
 
 
 def make_manifest(

@@ -102,6 +102,8 @@ def render_unit(settings: UnitSettings) -> str:
         f"TimeoutStopSec={settings.stop_timeout_sec}",
         "Environment=PYTHONUNBUFFERED=1",
         f"Environment=EDGE_YOLO_STATE_DIR={settings.state_dir}",
+        # Secrets the config names by *_env (MQTT password, HTTP token), kept off the bundle.
+        f"EnvironmentFile=-{root / 'environment'}",
         "",
         "# Sandbox: read-only system, one writable state directory, camera devices only.",
         "NoNewPrivileges=yes",
