@@ -212,7 +212,7 @@ def run_command(
     from device.config import load_config
     from device.daemon import Daemon
 
-    configure_logging("debug" if verbose else (log_level or "info"))
+    configure_logging("debug" if verbose else "info")  # the configured level once validated
     overrides = run_overrides(**flags)
     if config_file is None and "model.path" not in overrides:
         raise ConfigError("Give a config file, or at least --model and --source.")
