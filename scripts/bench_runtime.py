@@ -10,7 +10,7 @@ The three throughput measurements are interleaved over several rounds and the me
 is reported, because a shared machine's speed drifts.  Target: pipeline >= 95% of raw
 inference, daemon RSS <= 250 MB.
 
-    .venv/bin/python scripts/bench_runtime.py --model yolov5n.onnx [--video FILE]
+    .venv/bin/python scripts/bench_runtime.py [--model yolov5n.onnx] [--video FILE]
 """
 
 from __future__ import annotations
@@ -176,15 +176,33 @@ def _sample_rss(process: subprocess.Popen, samples: list) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", type=Path, required=True, help="ONNX model (FP32 or INT8)")
+    parser.add_argument(
+        "--model", type=Path, help="ONNX model, FP32 or INT8 (default: export the real yolov5n)"
+    )
     parser.add_argument("--video", type=Path, default=DEFAULT_VIDEO)
     parser.add_argument("--threads", type=int, default=0, help="intra-op threads (0: all CPUs)")
-    parser.add_argument("--frames", type=int, default=100, help="frames per throughput round")
-    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--frames", type=int, default=50, help="frames per throughput round")
+    parser.add_argument("--rounds", type=int, default=10, help="interleaved rounds; medians")
     parser.add_argument("--rss-frames", type=int, default=1500, help="frames of the memory run")
     args = parser.parse_args()
     if not args.video.exists():
         raise SystemExit(f"video not found: {args.video} (see ../shared/realdata/SOURCES.md)")
+    with tempfile.TemporaryDirectory() as tmp:
+        args.model = args.model or export_yolov5n(Path(tmp))
+        run(args)
+
+
+def export_yolov5n(folder: Path) -> Path:
+    from toolkit.export import export_model
+
+    weights = REPO.parent / "shared" / "realdata" / "models" / "yolov5n.pt"
+    if not weights.exists():
+        raise SystemExit(f"no --model and no {weights} to export (see SOURCES.md)")
+    print(f"exporting {weights.name} to ONNX (640x640, FP32) ...")
+    return export_model(weights, folder / "yolov5n.onnx", imgsz=640)
+
+
+def run(args: argparse.Namespace) -> None:
 
     detector = Detector(args.model, session_config=SessionConfig(intra_op_threads=args.threads))
     threads = detector.session.get_session_options().intra_op_num_threads
