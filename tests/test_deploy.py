@@ -528,6 +528,7 @@ def test_runtime_venv_is_built_from_the_uploaded_wheel_and_reused(devices, bundl
 
     [venv] = list((root / "venvs").iterdir())
     assert (venv / ".complete").is_file()
+    assert (venv / "constraints.txt").read_text() == "onnxruntime>=1.12\n"  # no picamera2 here
     assert (venv / "pyvenv.cfg").read_text().count("include-system-site-packages = true") == 1
     installed = list(venv.glob("lib/python3*/site-packages/device/daemon.py"))
     assert installed, "the project's runtime files are in the venv"

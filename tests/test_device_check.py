@@ -149,6 +149,17 @@ def test_onnxruntime_older_than_the_model_needs_fails(tmp_path):
     assert result.status == "fail" and "needs >= 1.17" in result.found
 
 
+def test_old_onnxruntime_passes_when_deploy_installs_a_newer_one(tmp_path):
+    python = fake_python(tmp_path, onnxruntime="1.14.1")
+    environment = board(
+        tmp_path, runtime_python=python, min_onnxruntime="1.17", runtime_pending=True
+    )
+
+    result = check.check_onnxruntime(environment)
+
+    assert result.status == "pass" and "deploy installs >= 1.17" in result.found
+
+
 def test_numpy_2_next_to_the_systems_picamera2_fails(tmp_path):
     python = fake_python(tmp_path, numpy="2.1.3", picamera2=True)
 

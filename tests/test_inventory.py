@@ -6,7 +6,14 @@ import pytest
 import yaml
 
 from device.errors import ConfigError
-from toolkit.deploy import DeployError, LocalBundle, choose_model, health_url, start_script
+from toolkit.deploy import (
+    DeployError,
+    LocalBundle,
+    choose_model,
+    health_url,
+    runtime_constraints,
+    start_script,
+)
 from toolkit.inventory import DeviceSettings, load_inventory
 
 
@@ -64,7 +71,12 @@ def test_limit_keeps_named_devices_and_refuses_unknown_ones(tmp_path):
 
 def bundle_with(*precisions: str) -> LocalBundle:
     models = [{"precision": p, "file": f"model-{p}.onnx"} for p in precisions]
-    manifest = {"models": models, "default_model": models[0]["file"], "health_url": None}
+    manifest = {
+        "models": models,
+        "default_model": models[0]["file"],
+        "health_url": None,
+        "target": {"min_onnxruntime": "1.15"},
+    }
     return LocalBundle(path=None, manifest=manifest, manifest_sha256="", size_bytes=0)
 
 
@@ -91,3 +103,8 @@ def test_start_script_quotes_its_arguments():
 
     assert "exec '/opt/edge yolo/venv/bin/python' -m device.cli run config.yaml" in script
     assert "--source 'rtsp://cam/a b'" in script
+
+
+def test_venv_constraints_pin_the_models_onnxruntime_and_numpy_1_for_picamera2():
+    assert runtime_constraints(bundle_with("fp32"), False) == "onnxruntime>=1.15\n"
+    assert runtime_constraints(bundle_with("fp32"), True) == "onnxruntime>=1.15\nnumpy<2\n"

@@ -13,6 +13,7 @@ that starts the unit's ExecStart as a background process.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -343,11 +344,12 @@ def install_runtime(
         # The device check already probed this interpreter's onnxruntime and numpy.
         _require_device_package(remote, device, device.runtime_python)
         return device.runtime_python
-    numpy_pin = _has_system_picamera2(report)
+    constraints = runtime_constraints(bundle, _has_system_picamera2(report))
     wheel_sha = bundle.manifest["files"][bundle.wheel]["sha256"]
-    venv = layout.venv(wheel_sha[:16] + ("-numpy1" if numpy_pin else ""))
+    key = hashlib.sha256(f"{wheel_sha}\n{constraints}".encode()).hexdigest()[:16]
+    venv = layout.venv(key)
     wheel = f"{layout.release(bundle.release)}/{bundle.wheel}"
-    created = _create_venv(remote, device, venv, wheel, numpy_pin)
+    created = _create_venv(remote, device, venv, wheel, constraints)
     python = f"{venv}/bin/python"
     try:
         _require_runtime(remote, device, python)
@@ -673,12 +675,20 @@ def _verify_remote(
         raise DeployError(f"{device.name}: moving the release into place failed: {done.stderr}")
 
 
+def runtime_constraints(bundle: LocalBundle, system_picamera2: bool) -> str:
+    """pip constraints for the runtime venv: the model's onnxruntime, numpy for picamera2."""
+    lines = [f"onnxruntime>={bundle.manifest['target']['min_onnxruntime']}"]
+    if system_picamera2:
+        lines.append("numpy<2")  # the OS's picamera2 is built against numpy 1.x
+    return "\n".join(lines) + "\n"
+
+
 def _create_venv(
-    remote: Remote, device: DeviceSettings, venv: str, wheel: str, numpy_pin: bool
+    remote: Remote, device: DeviceSettings, venv: str, wheel: str, constraints: str
 ) -> bool:
     """Create the venv unless a complete one exists; True when this call created it."""
     quoted_venv = shlex.quote(venv)
-    constraint = f"-c {quoted_venv}/constraints.txt" if numpy_pin else ""
+    constraint = f"-c {quoted_venv}/constraints.txt"
     script = "\n".join(
         [
             f"if [ -f {quoted_venv}/.complete ]; then echo reused; exit 0; fi",
@@ -689,8 +699,7 @@ def _create_venv(
             f"{device.device_python} -m venv --system-site-packages --without-pip {quoted_venv}",
             f"{quoted_venv}/bin/python -m pip --version >/dev/null 2>&1 "
             f"|| {quoted_venv}/bin/python -m ensurepip --default-pip >/dev/null",
-            # The OS's picamera2 is built against numpy 1.x.
-            f"printf 'numpy<2\\n' > {quoted_venv}/constraints.txt" if numpy_pin else ":",
+            f"printf %s {shlex.quote(constraints)} > {quoted_venv}/constraints.txt",
             f"{quoted_venv}/bin/python -m pip install --disable-pip-version-check --no-input "
             f"--quiet {device.pip_args} {constraint} {shlex.quote(wheel)}",
             f"touch {quoted_venv}/.complete",
