@@ -567,3 +567,17 @@ def test_a_second_deploy_while_one_runs_is_refused(deployed, bundles):
 
     assert result.outcome == "locked"
     assert "another deploy is running" in result.message and "ci-runner pid 4242" in result.message
+
+
+def test_first_release_that_cannot_start_stops_the_service_and_says_so(devices, bundles):
+    device = devices.make("first-fails")
+
+    with pytest.raises(DeployError) as caught:
+        deploy_device(LocalBundle.load(bundles("corrupt-model", broken_model=True)), device)
+
+    assert caught.value.outcome == "failed, stopped"
+    assert "no previous release to return to, so the service was stopped" in str(caught.value)
+    root = root_of(device)
+    assert not (root / "current").is_symlink()
+    assert (root / "releases" / "corrupt-model" / "FAILED").is_file()
+    assert device_status(device)["service"] in ("inactive", "failed")
