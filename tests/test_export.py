@@ -232,6 +232,7 @@ def _fake_class_checkpoint(path, monkeypatch, module, name):
         "unwritable",
         "bad size",
         "bad opset",
+        "bad image",
     ],
 )
 def test_bad_input_gives_one_message_and_no_file(case, tiny_pt, tmp_path, monkeypatch, capsys):
@@ -247,6 +248,7 @@ def test_bad_input_gives_one_message_and_no_file(case, tiny_pt, tmp_path, monkey
         "unwritable": "Cannot write to the output folder",
         "bad size": "not a multiple of the model's stride 32 (use 608 or 640)",
         "bad opset": "opset must be within 11..20",
+        "bad image": "Cannot read the verification image",
     }[case]
     if case == "corrupt zip":
         weights.write_bytes(tiny_pt.read_bytes()[:-200])
@@ -265,6 +267,9 @@ def test_bad_input_gives_one_message_and_no_file(case, tiny_pt, tmp_path, monkey
         args += ["--imgsz", "630"]
     elif case == "bad opset":
         args += ["--opset", "9"]
+    elif case == "bad image":
+        weights = tiny_pt
+        args = ["export", "-w", weights, "-o", output, "--verify-image", tmp_path / "none.jpg"]
 
     result = run_toolkit(args, monkeypatch, capsys)
 

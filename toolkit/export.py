@@ -30,6 +30,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import onnx
 import torch
@@ -39,6 +40,9 @@ from device.errors import ConfigError, ToolkitError
 from toolkit import __version__
 from toolkit.checkpoint import Checkpoint, load_model
 from toolkit.yolo import YoloV5
+
+if TYPE_CHECKING:
+    from toolkit.verify import VerifyReport
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +77,7 @@ class ExportResult:
 
     path: Path
     info: ModelInfo
-    verification: object = None  # toolkit.verify.VerifyReport
+    verification: VerifyReport | None = None
     num_anchors: int = 3  # per cell
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -346,10 +350,11 @@ def run_export(
 ) -> ExportResult:
     """The export stages in order; see :func:`export_model`."""
     from toolkit.download import resolve_weights
-    from toolkit.verify import verify_onnx
+    from toolkit.verify import load_image, verify_onnx
 
     timings: dict[str, float] = {}
     check_options(options)
+    load_image(verify_image)  # a bad image path fails now, not after the export
     target = prepare_output(Path(output) if output else default_output(Path(weights), options))
     weights_path = resolve_weights(weights, url=download_url)
 
