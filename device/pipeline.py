@@ -10,8 +10,10 @@ for input unless the source is slower than the model.
 
 Every hand-over is bounded: memory stays flat however long the daemon runs.  With
 ``newest_frame`` (live sources) a prepared frame waiting for inference is replaced by a newer
-one and counted as dropped, so results are never older than one inference; otherwise (files)
-the capture thread waits, so every frame is processed.
+one and counted as dropped, so a result is at most one camera frame older than the moment
+inference started on it; the price is letterboxing frames that are then replaced (a few ms each,
+at the camera's rate), which ``max_fps`` does not reduce.  Otherwise (files) the capture thread
+waits, so every frame is processed.
 """
 
 from __future__ import annotations
