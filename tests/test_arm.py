@@ -1,9 +1,26 @@
 """The device runtime under emulated aarch64 (a Pi 4 and a Pi 5), compared with x86.
 
 This host side builds (or reuses) the emulated environment of scripts/arm/arm_env.py, makes
-x86 references (models, input tensors, onnxruntime outputs) in a temporary directory, and runs
-tests/arm inside the emulated Python once per imitated CPU.  Emulated timings mean nothing:
-nothing here measures speed.
+x86 references (models, input tensors, onnxruntime outputs, detections, daemon JSON lines) in a
+temporary directory, and runs tests/arm inside the emulated Python once per imitated CPU, both
+CPUs at once.  Emulated timings mean nothing: nothing here measures speed.
+
+Tolerances, and what was measured with onnxruntime 1.32 (host: AMD EPYC with AVX-512 VNNI):
+
+- FP32: obj/cls columns within 1e-4 (measured 1e-5), boxes within 1e-4 of the input size
+  (measured 2.3e-3 px at 640); the same detections.
+- Static INT8 (QDQ), both presets: ARM's integer kernels and x86's round differently, and the
+  differences grow through the network: single obj/cls values differ by up to 0.14 (x86 preset)
+  and 0.21 (arm64 preset), box rows of unlikely anchors by up to 150 px.  DOMAIN.md's "~6e-3 on
+  sigmoid outputs" holds for the bulk, not the maximum.  So the claims are: the mean obj/cls
+  difference stays under 2.5e-3 (measured 2.7-4.1e-4 x86 preset, 7.6-11e-4 arm64 preset), the
+  99th percentile under 0.03 (measured 0.006-0.008 and 0.013-0.019), ARM's result is as close
+  to the FP32 model as x86's (mean-error ratio under 1.25, measured 0.97-1.02), and confident
+  detections (score >= 0.35) match: same class, IoU >= 0.5, score within 0.15 (measured worst:
+  IoU 0.67 on a 0.4-score object, score gap 0.11, over 8 real images).
+- Photos decode and letterbox bit-identically on ARM; video frames do not (up to 3 grey levels,
+  see tests/arm/test_daemon.py).
+- The Pi 4 (no dot product) and the Pi 5 compute identical INT8 outputs.
 """
 
 from __future__ import annotations
@@ -11,6 +28,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
+import subprocess
 import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -18,11 +37,23 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import REPO_ROOT
+from tests.conftest import REALDATA, REPO_ROOT, realdata_file
 
 pytestmark = [pytest.mark.arm]
 
 TINY_ATOL = 1e-5
+FP32_TOLERANCE = {
+    "elementwise": {"score_atol": 1e-4, "box_atol_fraction": 1e-4},
+    "detections": {"min_iou": 0.99, "score_atol": 1e-3, "margin": 0.0},
+}
+INT8_TOLERANCE = {
+    "statistics": {"score_mean_atol": 2.5e-3, "score_p99_atol": 0.03, "fp32_error_ratio": 1.25},
+    "detections": {"min_iou": 0.5, "score_atol": 0.15, "margin": 0.1},
+}
+CALIBRATION_SAMPLES = 32
+DAEMON_FRAMES = 3
+DAEMON_CLIP_START_S = 25  # people and a skateboard are in view from here on
+ARM_SUITE_TIMEOUT_S = 900
 
 
 def _load_arm_env():
@@ -55,11 +86,20 @@ def arm():
 
 
 @pytest.fixture(scope="session")
-def arm_refs(tmp_path_factory) -> Path:
+def arm_refs(request, tmp_path_factory) -> Path:
     """x86 references for tests/arm, with the manifest described in tests/arm/conftest.py."""
     refs = tmp_path_factory.mktemp("arm-refs")
-    models = {"tiny": _tiny_reference(refs)}
-    (refs / "manifest.json").write_text(json.dumps({"models": models}, indent=2))
+    manifest = {"models": {"tiny": _tiny_reference(refs)}}
+    if (REALDATA / "models" / "yolov5n.pt").exists():
+        from toolkit.export import export_model
+
+        fp32_640 = request.getfixturevalue("yolov5n_onnx")
+        fp32_320 = export_model(
+            realdata_file("models/yolov5n.pt"), refs / "yolov5n-320.onnx", imgsz=320
+        )
+        manifest["models"] |= _yolov5n_references(refs, fp32_640, fp32_320)
+        manifest["video"] = _daemon_reference(refs, fp32_320)
+    (refs / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return refs
 
 
@@ -98,31 +138,180 @@ def _tiny_reference(refs: Path) -> dict:
     tensor = rng.random((1, 3, 32, 32), dtype=np.float32)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     (output,) = session.run(None, {"images": tensor})
-    np.save(refs / "tiny_input.npy", tensor)
-    np.save(refs / "tiny_output.npy", output)
-    case = {"name": "random", "input": str(refs / "tiny_input.npy")}
-    case["output"] = str(refs / "tiny_output.npy")
-    return {"path": str(path), "atol": TINY_ATOL, "precision": "fp32", "cases": [case]}
+    case = {
+        "name": "random",
+        "input": _save(refs / "tiny-input.npy", tensor),
+        "output": _save(refs / "tiny-output.npy", output),
+    }
+    tolerance = {"elementwise": {"score_atol": TINY_ATOL, "box_atol_fraction": None}}
+    return {"path": str(path), "precision": "fp32", "tolerance": tolerance, "cases": [case]}
+
+
+def _yolov5n_references(refs: Path, fp32_640: Path, fp32_320: Path) -> dict:
+    """The exporter's FP32 models and static INT8 versions, each run on x86 on real photos.
+
+    Emulation runs yolov5n at 640 in about 15 s a photo, at 320 in a quarter of that: the 640
+    export is proven on one photo, everything else at 320 on two.
+    """
+    photos = {"bus": realdata_file("images/bus.jpg"), "zidane": realdata_file("images/zidane.jpg")}
+    references = {
+        "fp32-640": _model_reference(
+            refs, "fp32-640", fp32_640, {"bus": photos["bus"]}, FP32_TOLERANCE
+        ),
+        "fp32-320": _model_reference(refs, "fp32-320", fp32_320, photos, FP32_TOLERANCE),
+    }
+    for preset in ("x86", "arm64"):
+        name = f"int8-{preset}-320"
+        int8_path = _quantize(fp32_320, refs / f"yolov5n-{name}.onnx", preset)
+        references[name] = _model_reference(
+            refs, name, int8_path, photos, INT8_TOLERANCE, fp32_path=fp32_320
+        )
+    return references
+
+
+def _quantize(fp32_path: Path, output: Path, preset: str) -> Path:
+    """Static INT8 QDQ with the quantizer's recipe for ``preset``, calibrated on real frames."""
+    from toolkit.calibrate import open_source, sample_split
+    from toolkit.quantize import (
+        PRESETS,
+        Recipe,
+        find_detect_tail,
+        float_nodes_for,
+        layer_groups,
+        load_fp32_model,
+        static_quantize,
+    )
+
+    model, info = load_fp32_model(fp32_path)
+    tail = find_detect_tail(model, info)
+    recipe = Recipe(PRESETS[preset])
+    sources = [
+        open_source(realdata_file("coco8")),
+        open_source(realdata_file("video/car-detection.mp4")),
+    ]
+    samples, _ = sample_split(sources, CALIBRATION_SAMPLES, 0, seed=0)
+    float_nodes = float_nodes_for(recipe, tail, layer_groups(model, tail))
+    static_quantize(fp32_path, output, samples, info, recipe, float_nodes=float_nodes)
+    return output
+
+
+def _model_reference(
+    refs: Path,
+    name: str,
+    model_path: Path,
+    photos: dict[str, Path],
+    tolerance: dict,
+    *,
+    fp32_path: Path | None = None,
+) -> dict:
+    """Each photo's x86 input tensor, output rows and detections, as the device computes them."""
+    import cv2
+
+    from device.infer import Detector, SessionConfig
+
+    detector = Detector(model_path, session_config=SessionConfig(intra_op_threads=2))
+    fp32 = (
+        Detector(fp32_path, session_config=SessionConfig(intra_op_threads=2)) if fp32_path else None
+    )
+    cases = []
+    for photo, path in photos.items():
+        tensor, transform = detector.preprocess(cv2.imread(str(path)))
+        rows = detector.infer(tensor)
+        case = {
+            "name": photo,
+            "image": str(path),
+            "input": _save(refs / f"{name}-{photo}-input.npy", tensor),
+            "output": _save(refs / f"{name}-{photo}-output.npy", rows[np.newaxis]),
+            "detections": [d.as_dict() for d in detector.postprocess(rows, transform)],
+        }
+        if fp32 is not None:
+            fp32_rows = fp32.infer(tensor)[np.newaxis]
+            case["fp32_output"] = _save(refs / f"{name}-{photo}-fp32.npy", fp32_rows)
+        cases.append(case)
+    return {
+        "path": str(model_path),
+        "precision": detector.info.precision,
+        "preset": detector.info.quantization.preset if detector.info.quantization else "",
+        "tolerance": tolerance,
+        "cases": cases,
+    }
+
+
+def _save(path: Path, array: np.ndarray) -> str:
+    np.save(path, array)
+    return str(path)
+
+
+def _daemon_reference(refs: Path, model: Path) -> dict:
+    """A real clip with people in view, and the JSON lines x86's daemon writes for it."""
+    if shutil.which("ffmpeg") is None:
+        pytest.skip("ffmpeg is needed to cut the daemon's video clip (apt-get install ffmpeg)")
+    clip = refs / "people.mp4"
+    video = realdata_file("video/one-by-one-person-detection.mp4")
+    cut = [
+        "ffmpeg", "-nostdin", "-loglevel", "error", "-ss", str(DAEMON_CLIP_START_S),
+        "-i", str(video), "-frames:v", str(DAEMON_FRAMES + 2), "-an",
+        "-c:v", "libx264", "-pix_fmt", "yuv420p", "-y", str(clip),
+    ]  # fmt: skip
+    subprocess.run(cut, check=True, timeout=60)
+
+    jsonl = refs / "daemon-x86.jsonl"
+    command = daemon_command(sys.executable, model, clip, jsonl)
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=REPO_ROOT)
+    assert done.returncode == 0, f"the x86 daemon failed: {done.stderr[-2000:]}"
+    return {
+        "model": str(model),
+        "source": str(clip),
+        "frames": DAEMON_FRAMES,
+        "x86_jsonl": str(jsonl),
+        "command": daemon_command("PYTHON", model, clip, Path("OUTPUT")),
+    }
+
+
+def daemon_command(python: str, model: Path, source: Path, jsonl: Path) -> list[str]:
+    """``toolkit-device run`` for a bounded number of frames, JSON lines to a file."""
+    return [
+        python, "-m", "device.cli", "run", "--model", str(model), "--source", str(source),
+        "--jsonl", str(jsonl), "--max-frames", str(DAEMON_FRAMES), "--threads", "1",
+        "--frame-policy", "every", "--http-port", "0", "--log-level", "warning",
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def arm_runs(arm, arm_refs, tmp_path_factory) -> dict:
+    """tests/arm on each imitated CPU, all at once: returncode, output, report, saved outputs."""
+    runs = {}
+    for name, cpu in arm_env.CPUS.items():
+        workdir = tmp_path_factory.mktemp(f"arm-{name}")
+        (workdir / "outputs").mkdir()
+        report = workdir / "report.xml"
+        args = arm_env.arm_pytest_args([str(arm_env.ARM_TESTS), f"--junitxml={report}", "-q"])
+        env = {"EDGE_ARM_REFS": str(arm_refs), "EDGE_ARM_OUT": str(workdir / "outputs")}
+        runs[name] = {"process": arm.start_python(cpu, args, env=env), "workdir": workdir}
+    for run in runs.values():
+        try:
+            run["output"], _ = run["process"].communicate(timeout=ARM_SUITE_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            run["process"].kill()
+            run["output"], _ = run["process"].communicate()
+            run["output"] += f"\n(killed after {ARM_SUITE_TIMEOUT_S} s)"
+        run["returncode"] = run["process"].returncode
+        run["report"] = run["workdir"] / "report.xml"
+        run["outputs"] = run["workdir"] / "outputs"
+    return runs
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("cpu", sorted(arm_env.CPUS))
-def test_arm_suite(arm, arm_refs, cpu, tmp_path):
-    profile = arm_env.CPUS[cpu]
-    report = tmp_path / "report.xml"
+def test_arm_suite(arm_runs, cpu):
+    run = arm_runs[cpu]
+    output = f"--- tests/arm on {cpu} ({arm_env.CPUS[cpu].board}) ---\n{run['output']}"
 
-    result = arm.run_arm_tests(
-        profile,
-        [str(arm_env.ARM_TESTS), f"--junitxml={report}", "-q"],
-        env={"EDGE_ARM_REFS": str(arm_refs)},
-    )
-
-    output = f"--- tests/arm on {cpu} ---\n{result.stdout}\n{result.stderr}"
-    assert result.returncode == 0, output
-    outcomes = _outcomes(report)
-    assert outcomes, output
+    assert run["returncode"] == 0, output
+    outcomes = _outcomes(run["report"])
     skipped = {name: reason for name, reason in outcomes.items() if reason is not None}
     assert not skipped, f"tests/arm skipped inside the emulator: {skipped}\n{output}"
+    assert len(outcomes) >= 5, output
 
 
 def _outcomes(report: Path) -> dict[str, str | None]:
@@ -132,6 +321,23 @@ def _outcomes(report: Path) -> dict[str, str | None]:
         skip = case.find("skipped")
         outcomes[case.get("name")] = None if skip is None else skip.get("message", "")
     return outcomes
+
+
+@pytest.mark.slow
+def test_pi4_and_pi5_compute_the_same(arm_runs):
+    """The A72 lacks the dot-product kernels the A76 uses; the results must not depend on it."""
+    pi4 = arm_runs["cortex-a72"]["outputs"]
+    pi5 = arm_runs["cortex-a76"]["outputs"]
+    saved = sorted(path.name for path in pi4.glob("*.npy"))
+    assert saved, "tests/arm saved no outputs"
+    assert saved == sorted(path.name for path in pi5.glob("*.npy"))
+
+    for name in saved:
+        a, b = np.load(pi4 / name), np.load(pi5 / name)
+        difference = float(np.abs(a - b).max())
+        # Integer kernels are exact whichever instructions compute them.
+        limit = 0.0 if "int8" in name else 1e-4 * max(a.max(), 1.0)
+        assert difference <= limit, f"{name}: max |pi4 - pi5| = {difference:.2e}"
 
 
 def test_cpu_profiles_read_as_the_boards():

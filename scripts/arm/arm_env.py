@@ -217,6 +217,19 @@ class ArmEnv:
             check=False,
         )
 
+    def start_python(
+        self, cpu: CpuProfile, args: Sequence[str], *, env: dict[str, str] | None = None
+    ) -> subprocess.Popen[str]:
+        """Start the emulated Python in the background; stdout and stderr are piped, merged."""
+        return subprocess.Popen(
+            [str(self.python(cpu)), *args],
+            env=self.environ(cpu, env),
+            cwd=REPO_ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+
     def run_arm_tests(
         self,
         cpu: CpuProfile,
@@ -226,23 +239,28 @@ class ArmEnv:
         timeout: float = 600,
         capture: bool = True,
     ) -> subprocess.CompletedProcess[str]:
-        """Run pytest on tests/arm inside the emulated Python."""
-        # The suite's own conftest may import host-only tools (torch, onnx): stop at tests/arm.
-        names_tests = any(Path(REPO_ROOT, arg.split("::")[0]).exists() for arg in pytest_args)
-        args = [
-            "-m",
-            "pytest",
-            "-p",
-            "no:cacheprovider",
-            "--confcutdir",
-            str(ARM_TESTS),
-            "--rootdir",
-            str(REPO_ROOT),
-            "-ra",
-            *pytest_args,
-            *([] if names_tests else [str(ARM_TESTS)]),
-        ]
+        """Run pytest on tests/arm (or the tests named in ``pytest_args``) inside."""
+        args = arm_pytest_args(pytest_args)
         return self.run_python(cpu, args, env=env, timeout=timeout, capture=capture)
+
+
+def arm_pytest_args(pytest_args: Sequence[str] = ()) -> list[str]:
+    """The emulated Python's arguments to run pytest on tests/arm with ``pytest_args``."""
+    # The suite's own conftest may import host-only tools (torch, onnx): stop at tests/arm.
+    names_tests = any(Path(REPO_ROOT, arg.split("::")[0]).exists() for arg in pytest_args)
+    return [
+        "-m",
+        "pytest",
+        "-p",
+        "no:cacheprovider",
+        "--confcutdir",
+        str(ARM_TESTS),
+        "--rootdir",
+        str(REPO_ROOT),
+        "-ra",
+        *pytest_args,
+        *([] if names_tests else [str(ARM_TESTS)]),
+    ]
 
 
 def build(*, force: bool = False) -> ArmEnv:

@@ -3,10 +3,15 @@
 They compare this machine's results with references made on x86 by tests/test_arm.py, which
 writes them to a directory named by ``EDGE_ARM_REFS`` with a ``manifest.json``:
 
-    {"models": {"<name>": {"path": "<onnx>", "atol": <float>, "precision": "fp32|int8",
+    {"models": {"<name>": {"path": "<onnx>", "precision": "fp32|int8", "tolerance": {...},
                            "cases": [{"name": "...", "input": "<npy>", "output": "<npy>",
-                                      "image": "<jpg, optional>", "detections": "<json>"}]}},
-     "video": {"model": "<onnx>", "source": "<mp4>", "frames": <int>}}
+                                      "image": "<jpg>", "detections": [...],
+                                      "fp32_output": "<npy>"}]}},
+     "video": {"model": "<onnx>", "source": "<mp4>", "frames": <int>, "x86_jsonl": "<file>",
+               "command": ["PYTHON", ..., "OUTPUT", ...]}}
+
+``image``, ``detections`` and ``fp32_output`` are optional; ``tolerance`` holds
+``elementwise`` or ``statistics`` limits and a ``detections`` matching rule.
 
 Paths are absolute host paths: qemu's ``-L`` root falls back to the host's files.  A test whose
 reference is absent from the manifest skips, naming what is missing.  On x86 nothing here is
@@ -39,7 +44,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     params = []
     for name, model in load_manifest().get("models", {}).items():
         for case in model["cases"]:
-            params.append(pytest.param((model, case), id=f"{name}-{case['name']}"))
+            params.append(pytest.param((name, model, case), id=f"{name}-{case['name']}"))
     if not params:
         params = [pytest.param(None, marks=pytest.mark.skip(reason="no x86 references given"))]
     metafunc.parametrize("model_case", params)
