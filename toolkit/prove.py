@@ -13,6 +13,8 @@ import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from device.contract import ModelInfo
 from device.errors import ToolkitError
 from device.preprocess import preprocess
@@ -26,7 +28,7 @@ log = logging.getLogger(__name__)
 MODES = ("static", "dynamic")
 AGREEMENT_IOU = 0.5
 AGREEMENT_CONF = 0.25
-SEARCH_SAMPLES = 48  # calibration frames the budget search measures on
+SEARCH_SAMPLES = 64  # calibration frames the budget search measures on
 RANKING_SAMPLES = 6  # frames for the per-layer error (all activations are kept in memory)
 
 
@@ -218,7 +220,7 @@ def make_static(
         if not request.search:
             return Variant(name, output_path, info_out), []
 
-        search_set = calibration[:SEARCH_SAMPLES]
+        search_set = spread(calibration, SEARCH_SAMPLES)
         fp32_search = [d.above(AGREEMENT_CONF) for d in _detections(request.model, search_set)]
         baseline = _fidelity(output_path, search_set, fp32_search)
         if baseline.within(request.max_drop):
@@ -226,7 +228,7 @@ def make_static(
             return Variant(name, output_path, info_out), [_step([], baseline)]
 
         ranking = quantize.rank_layers(
-            request.model, output_path, calibration[:RANKING_SAMPLES], info, groups
+            request.model, output_path, spread(calibration, RANKING_SAMPLES), info, groups
         )
         trial_path = Path(folder) / "trial.onnx"
 
@@ -250,6 +252,14 @@ def make_static(
         quantize._write_metadata(output_path, info_out)
         steps = [_step(s.float_layers, s.fidelity) for s in result.steps]
         return Variant(name, output_path, info_out, list(result.chosen)), steps
+
+
+def spread(samples: list[Sample], count: int) -> list[Sample]:
+    """Up to ``count`` samples evenly spaced over the list (which is in source order, so a
+    prefix would come from the first source only)."""
+    if len(samples) <= count:
+        return list(samples)
+    return [samples[i] for i in np.linspace(0, len(samples) - 1, count).round().astype(int)]
 
 
 def _step(layers: list[str], fidelity: quantize.Fidelity) -> dict:

@@ -570,12 +570,13 @@ def search_float_layers(
 ) -> SearchResult:
     """The fewest worst-ranked layers to keep in float so that ``evaluate`` is within budget.
 
-    Binary search over how many of the worst layers to keep (fidelity grows with that number
-    in practice), so a 60-layer model needs about six quantize-and-measure rounds."""
+    Tries 0, 1, 2, 4, 8 ... of the worst layers until one fits, then bisects between the last
+    miss and the first fit (fidelity grows with the count in practice): about six
+    quantize-and-measure rounds.  When nothing fits, keeps the count that came closest."""
     names = [name for name, _ in ranking][:max_layers]
     steps: list[SearchStep] = []
 
-    def trial(count: int) -> Fidelity:
+    def fits(count: int) -> bool:
         fidelity = evaluate(names[:count])
         steps.append(SearchStep(names[:count], fidelity))
         log.info(
@@ -584,18 +585,28 @@ def search_float_layers(
             fidelity.recall,
             fidelity.precision,
         )
-        return fidelity
+        return fidelity.within(max_drop)
 
-    if trial(0).within(max_drop):
+    if fits(0):
         return SearchResult(list(ranking), steps, [], True)
-    if not names or not trial(len(names)).within(max_drop):
-        best = max(steps, key=lambda s: min(s.fidelity.recall, s.fidelity.precision))
+
+    low, high, count = 0, None, 1
+    while count <= len(names):
+        if fits(count):
+            high = count
+            break
+        low = count
+        count = len(names) if count < len(names) < count * 2 else count * 2
+    if high is None:
+        best = max(
+            steps,
+            key=lambda s: (min(s.fidelity.recall, s.fidelity.precision), -len(s.float_layers)),
+        )
         return SearchResult(list(ranking), steps, best.float_layers, False)
 
-    low, high = 0, len(names)  # low fails, high passes
     while high - low > 1:
         middle = (low + high) // 2
-        if trial(middle).within(max_drop):
+        if fits(middle):
             high = middle
         else:
             low = middle
