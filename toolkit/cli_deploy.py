@@ -167,10 +167,10 @@ def deploy_command(
     watchdog_sec: int | None = typer.Option(None, help="WatchdogSec of the unit (30)."),
 ) -> None:
     """Deploy a bundle over SSH: check, upload, install, switch, wait for /health or roll back."""
+    flags = dict(locals())
     from toolkit import deploy
     from toolkit.bundle import open_bundle
 
-    flags = dict(locals())
     devices = select_devices(
         **{k: v for k, v in flags.items() if k not in ("bundle", "rollback", "parallel")}
     )
@@ -211,9 +211,9 @@ def status_command(
     device_python: str | None = DEVICE_PYTHON,
 ) -> None:
     """Show which release each device runs, its service state and whether /health answers."""
+    flags = dict(locals())
     from toolkit import deploy
 
-    flags = dict(locals())
     devices = select_devices(**{k: v for k, v in flags.items() if k not in ("as_json", "parallel")})
 
     def ask(device) -> dict:
