@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import logging
 import shlex
+import shutil
 import subprocess
 import tarfile
 import tempfile
@@ -90,6 +91,12 @@ class Remote:
     def connect(self) -> None:
         """Open the master connection; every failure to reach the device is raised here."""
         validate_target(self.target)
+        if shutil.which(self.ssh_binary) is None:
+            raise RemoteError(
+                f"The OpenSSH client '{self.ssh_binary}' is not installed on this host: "
+                "sudo apt install openssh-client.",
+                outcome="failed",
+            )
         self._control_dir = tempfile.TemporaryDirectory(prefix="tk-ssh-")
         socket_path = Path(self._control_dir.name) / "master"
         stderr_path = Path(self._control_dir.name) / "master.err"
