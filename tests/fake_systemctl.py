@@ -144,8 +144,9 @@ def stop(state: Path, name: str) -> int:
 
 
 def kill_group(pid: int) -> None:
+    """SIGTERM to the main process (timeout passes it on); SIGKILL to the group if it lingers."""
     try:
-        os.killpg(pid, signal.SIGTERM)
+        os.kill(pid, signal.SIGTERM)
     except ProcessLookupError:
         return
     deadline = time.monotonic() + 10

@@ -476,12 +476,14 @@ def switch_links(remote: Remote, layout: Layout, *, current: str, previous: str 
 
 
 def restart_and_wait(remote: Remote, device: DeviceSettings, url: str) -> Health:
+    """Restart the unit and wait for /health; when it fails, the reason is the daemon's own."""
     manager, unit = device.service_manager, device.unit_name
     done = remote.run(f"{manager} restart {unit}", check=False, timeout=300)
     if done.returncode != 0:
-        output = (done.stderr.strip() or done.stdout.strip())[-500:]
-        detail = f"'{manager} restart {unit}' failed (exit {done.returncode}): {output}"
-        return Health(False, detail + _service_log(remote, device))
+        output = _last_line(done.stderr or done.stdout)
+        return Health(
+            False, _failure_reason(remote, device, f"the service did not start ({output})")
+        )
 
     deadline = time.monotonic() + device.health_timeout
     while True:
@@ -491,11 +493,11 @@ def restart_and_wait(remote: Remote, device: DeviceSettings, url: str) -> Health
             return health
         state = _service_state(remote, device)
         if state in ("failed", "inactive"):
-            detail = f"the service is {state} ({health.detail})"
-            return Health(False, detail + _service_log(remote, device))
+            fallback = f"the service is {state} ({health.detail})"
+            return Health(False, _failure_reason(remote, device, fallback))
         if time.monotonic() >= deadline:
-            detail = f"no healthy answer from {url} within {device.health_timeout:.0f} s"
-            return Health(False, f"{detail} ({health.detail})" + _service_log(remote, device))
+            fallback = f"no healthy answer from {url} within {device.health_timeout:.0f} s"
+            return Health(False, _failure_reason(remote, device, f"{fallback} ({health.detail})"))
 
 
 def prune_releases(
@@ -777,11 +779,16 @@ def _service_state(remote: Remote, device: DeviceSettings) -> str:
     return done.stdout.strip().splitlines()[-1] if done.stdout.strip() else "unknown"
 
 
-def _service_log(remote: Remote, device: DeviceSettings) -> str:
-    command = f"{device.service_manager} status {device.unit_name} --no-pager --lines=10"
+def _failure_reason(remote: Remote, device: DeviceSettings, fallback: str) -> str:
+    """The daemon's last error line from the service log, else ``fallback``; where to look."""
+    command = f"{device.service_manager} status {device.unit_name} --no-pager --lines=20"
     done = remote.run(command, check=False)
-    lines = [line for line in (done.stdout + done.stderr).splitlines() if line.strip()][-10:]
-    return "; service log: " + " | ".join(line.strip() for line in lines) if lines else ""
+    lines = [line.strip() for line in (done.stdout + done.stderr).splitlines() if line.strip()]
+    errors = [line for line in lines if "error" in line.lower() and "Job for" not in line]
+    where = f" (log: {command} on the device)"
+    if errors:
+        return errors[-1].split("error: ", 1)[-1].rstrip(".") + where
+    return fallback + where
 
 
 def _recorded_health_url(entry: dict | None) -> str:
