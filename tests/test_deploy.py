@@ -551,6 +551,25 @@ def test_root_ssh_user_without_a_service_user_is_refused(devices, bundles):
     assert list(root_of(device).iterdir()) == []
 
 
+def test_check_only_reports_readiness_and_changes_nothing(deployed, bundles):
+    before = snapshot(root_of(deployed))
+
+    done = toolkit_cli(
+        "deploy",
+        str(bundles("gamma")),
+        "--check-only",
+        *device_flags(deployed),
+        "--runtime-python",
+        sys.executable,
+        "--min-free-mb",
+        "1",
+    )
+
+    assert done.returncode == 0, done.stderr
+    assert "ready" in done.stdout and "use FP32" in done.stdout
+    assert_untouched(deployed, before)
+
+
 def test_a_second_deploy_while_one_runs_is_refused(deployed, bundles):
     lock = root_of(deployed) / ".deploy-lock"
     lock.mkdir()

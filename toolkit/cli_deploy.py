@@ -35,6 +35,8 @@ Examples:
 
   toolkit deploy --rollback --host pi@192.168.1.20
 
+  toolkit deploy out/cam.tar.gz --inventory devices.yaml --check-only
+
 The device user needs write access to --root (sudo install -d -o pi /opt/edge-yolo) and
 passwordless 'sudo systemctl' (or another --service-manager).
 """
@@ -130,6 +132,9 @@ def bundle_command(
 def deploy_command(
     bundle: Path | None = BUNDLE,
     rollback: bool = typer.Option(False, "--rollback", help="Return to the previous release."),
+    check_only: bool = typer.Option(
+        False, "--check-only", help="Run the device check for BUNDLE and change nothing."
+    ),
     parallel: int = typer.Option(4, min=1, help="Devices deployed at once."),
     host: str | None = HOST,
     inventory: Path | None = INVENTORY,
@@ -172,17 +177,24 @@ def deploy_command(
     from toolkit.bundle import open_bundle
 
     devices = select_devices(
-        **{k: v for k, v in flags.items() if k not in ("bundle", "rollback", "parallel")}
+        **{
+            k: v
+            for k, v in flags.items()
+            if k not in ("bundle", "rollback", "check_only", "parallel")
+        }
     )
     if rollback == (bundle is not None):
         raise ToolkitError("Give a BUNDLE to deploy, or --rollback without one.")
+    if rollback and check_only:
+        raise ToolkitError("--check-only checks a device for a BUNDLE; it has no --rollback form.")
 
     with tempfile.TemporaryDirectory(prefix="toolkit-deploy-") as workdir:
         if rollback:
             action = deploy.rollback_device
         else:
             local = deploy.LocalBundle.load(open_bundle(bundle, Path(workdir)))
-            action = functools.partial(deploy.deploy_device, local)
+            stage = deploy.check_only_device if check_only else deploy.deploy_device
+            action = functools.partial(stage, local)
         results = deploy.run_on_devices(action, devices, parallel)
 
     typer.echo(deploy.format_results(results))

@@ -93,7 +93,7 @@ class DeviceResult:
 
     @property
     def ok(self) -> bool:
-        return self.outcome in ("deployed", "rolled back on request")
+        return self.outcome in ("deployed", "rolled back on request", "ready")
 
 
 @dataclass
@@ -170,6 +170,23 @@ def install_release(
     activate(remote, device, layout, bundle.release, fallback, urls)
     prune_releases(remote, device, layout, state, bundle.release, python)
     return fallback
+
+
+def check_only_device(bundle: LocalBundle, device: DeviceSettings) -> DeviceResult:
+    """Run the device check for ``bundle`` and change nothing."""
+    started = time.monotonic()
+    check_deploy_arguments(bundle, device)
+    with Remote(device.ssh) as remote:
+        report = check_device(remote, device, bundle)
+    warnings = [f"{c['name']}: {c['found']}" for c in report["checks"] if c["status"] == "warn"]
+    precision = (report.get("recommended_precision") or "?").upper()
+    return DeviceResult(
+        device.name,
+        device.ssh.label,
+        "ready",
+        message="; ".join([f"use {precision}", *warnings]),
+        seconds=time.monotonic() - started,
+    )
 
 
 def rollback_device(device: DeviceSettings) -> DeviceResult:
