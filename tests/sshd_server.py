@@ -16,6 +16,7 @@ from pathlib import Path
 
 SSHD = Path("/usr/sbin/sshd")
 LIFETIME_S = 900
+PRIVSEP_DIR = Path("/run/sshd")
 
 
 @dataclass
@@ -37,6 +38,8 @@ def unavailable_reason() -> str | None:
     for tool in (str(SSHD), "ssh", "ssh-keygen", "timeout"):
         if shutil.which(tool) is None:
             return f"{tool} is not installed (apt-get install openssh-server openssh-client)"
+    if not PRIVSEP_DIR.is_dir() and os.geteuid() != 0:
+        return f"sshd needs {PRIVSEP_DIR}, which only root can create here"
     return None
 
 
@@ -89,7 +92,7 @@ def start_sshd(workdir: Path) -> SshServer:
     )
 
     # sshd refuses to start without its privilege-separation directory.
-    Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
+    PRIVSEP_DIR.mkdir(mode=0o755, exist_ok=True)
     log_path = workdir / "sshd.log"
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
@@ -114,7 +117,3 @@ def _wait_listening(port: int, process: subprocess.Popen, log_path: Path) -> Non
             time.sleep(0.05)
     process.terminate()
     raise RuntimeError(f"sshd did not listen on {port} within 10 s: {log_path.read_text()}")
-
-
-def device_environment() -> dict[str, str]:
-    return dict(os.environ)
