@@ -95,10 +95,19 @@ class Daemon:
         return source
 
     def _start_sinks(self, resources: ExitStack) -> list[Sink]:
-        sinks = self.sinks = build_sinks(self.config, self.stats, self.health)
-        for sink in sinks:
+        sinks = build_sinks(self.config, self.stats, self.health)
+        for sink in list(sinks):
             resources.callback(self._close_sink, sink)
-            sink.start()
+            try:
+                sink.start()
+            except ToolkitError as exc:
+                if sink.name != "http" or http_chosen(self.config):
+                    raise
+                # HTTP is on by default; a port someone else holds should not stop detection
+                # unless the user asked for HTTP.
+                log.warning("%s; running without HTTP (or set --http-port / --no-http)", exc)
+                sinks.remove(sink)
+        self.sinks = sinks
         if not sinks:
             log.warning("No output is enabled: detections are counted but not sent anywhere")
         return sinks
@@ -248,6 +257,11 @@ class Daemon:
         if self.pipeline is None:
             # Still setting up (loading the model, opening the camera): stop right there.
             raise KeyboardInterrupt
+
+
+def http_chosen(config: DaemonConfig) -> bool:
+    """Whether the HTTP settings were given (file or flags) rather than left to the default."""
+    return "outputs" in config.model_fields_set and "http" in config.outputs.model_fields_set
 
 
 def describe_outcome(pipeline: Pipeline) -> str:

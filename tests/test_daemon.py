@@ -320,3 +320,61 @@ def test_startup_problems_exit_1_with_a_message_and_no_traceback(tmp_path, const
         assert result.returncode == 1, result.stderr
         assert expected in result.stderr
         assert "Traceback" not in result.stderr
+
+
+def busy_port() -> socket.socket:
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    return holder
+
+
+def folder_config(tmp_path, model, folder, outputs: str):
+    path = tmp_path / "daemon.yaml"
+    path.write_text(
+        f"model: {{path: {model}, intra_op_threads: 1}}\n"
+        f"source: {{type: folder, path: {folder}}}\n"
+        f"outputs: {outputs}\n"
+    )
+    return load_config(path)
+
+
+def test_a_taken_port_stops_the_daemon_when_http_was_asked_for(
+    tmp_path, constant_model, image_folder
+):
+    from device.errors import ToolkitError
+
+    with busy_port() as holder:
+        port = holder.getsockname()[1]
+        outputs = f"{{http: {{port: {port}}}}}"
+        config = folder_config(tmp_path, constant_model, image_folder, outputs)
+
+        with pytest.raises(ToolkitError, match=f"cannot listen on 127.0.0.1:{port}"):
+            Daemon(config, notifier=Notifier({})).run()
+
+
+def test_a_taken_default_port_only_turns_http_off(
+    tmp_path, constant_model, image_folder, monkeypatch
+):
+    import device.daemon
+    from device.publish.config import HttpConfig
+    from device.publish.http import HttpSink
+
+    out = tmp_path / "out.jsonl"
+    config = folder_config(
+        tmp_path, constant_model, image_folder, f"{{jsonl: {{enabled: true, path: {out}}}}}"
+    )
+    real_build = device.daemon.build_sinks
+    with busy_port() as holder:
+        # The default HTTP settings, but on a port that is taken (8080 may be free or not).
+        def build_with_taken_port(config, stats, health):
+            sinks = [s for s in real_build(config, stats, health) if s.name != "http"]
+            taken = HttpConfig(port=holder.getsockname()[1])
+            return [*sinks, HttpSink(taken, stats, health=health)]
+
+        monkeypatch.setattr(device.daemon, "build_sinks", build_with_taken_port)
+        daemon = Daemon(config, notifier=Notifier({}))
+        assert daemon.run() == 0
+
+    assert [s.name for s in daemon.sinks] == ["jsonl"]
+    assert len(read_jsonl(out)) == 3
