@@ -23,6 +23,12 @@ from toolkit.export import ExportOptions, check_options, export_model
 from toolkit.yolo import build_model, load_config
 
 
+@pytest.fixture(autouse=True)
+def _work_in_tmp(tmp_path, monkeypatch):
+    """Default outputs go to the current folder: keep them out of the repository."""
+    monkeypatch.chdir(tmp_path)
+
+
 def _session(path) -> ort.InferenceSession:
     return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
 
@@ -314,3 +320,53 @@ def test_without_weights_and_without_demo_model(tmp_path, monkeypatch, capsys):
 
     assert result.code != 0
     assert "No --weights given" in result.err and "shapes-yolov5n.pt" in result.err
+
+
+# --- four detection levels (P6 models such as yolov5n6) ---------------------------------
+
+
+def _p6_config() -> dict:
+    cfg = load_config("yolov5n")
+    cfg["width_multiple"] = 0.125
+    cfg["anchors"] = [
+        [19, 27, 44, 40, 38, 94],
+        [96, 68, 86, 152, 180, 137],
+        [140, 301, 303, 264, 238, 542],
+        [436, 615, 739, 380, 925, 792],
+    ]
+    cfg["backbone"] = [
+        *cfg["backbone"][:7],
+        [-1, 1, "Conv", [768, 3, 2]],
+        [-1, 3, "C3", [768]],
+        [-1, 1, "Conv", [1024, 3, 2]],
+        [-1, 3, "C3", [1024]],
+        [-1, 1, "SPPF", [1024, 5]],
+    ]
+    up = [-1, 1, "nn.Upsample", ["None", 2, "nearest"]]
+    cfg["head"] = [
+        [-1, 1, "Conv", [768, 1, 1]], up, [[-1, 8], 1, "Concat", [1]], [-1, 3, "C3", [768, False]],
+        [-1, 1, "Conv", [512, 1, 1]], up, [[-1, 6], 1, "Concat", [1]], [-1, 3, "C3", [512, False]],
+        [-1, 1, "Conv", [256, 1, 1]], up, [[-1, 4], 1, "Concat", [1]], [-1, 3, "C3", [256, False]],
+        [-1, 1, "Conv", [256, 3, 2]], [[-1, 20], 1, "Concat", [1]], [-1, 3, "C3", [512, False]],
+        [-1, 1, "Conv", [512, 3, 2]], [[-1, 16], 1, "Concat", [1]], [-1, 3, "C3", [768, False]],
+        [-1, 1, "Conv", [768, 3, 2]], [[-1, 12], 1, "Concat", [1]], [-1, 3, "C3", [1024, False]],
+        [[23, 26, 29, 32], 1, "Detect", ["nc", "anchors"]],
+    ]  # fmt: skip
+    return cfg
+
+
+def test_four_level_p6_model_exports_with_stride_64(tmp_path, monkeypatch, capsys):
+    torch.manual_seed(4)
+    weights = save_ultralytics_checkpoint(build_model(_p6_config(), nc=2), tmp_path / "p6.pt")
+
+    refused = run_toolkit(
+        ["export", "-w", weights, "-o", tmp_path / "no.onnx", "--imgsz", "288"], monkeypatch, capsys
+    )
+    path = export_model(weights, tmp_path / "p6.onnx", imgsz=256)
+
+    assert refused.code != 0 and "stride 64 (use 256 or 320)" in refused.err
+    assert not (tmp_path / "no.onnx").exists()
+    info = _info(path)
+    assert info.stride == 64 and info.strides == [8, 16, 32, 64]
+    output = _session(path).run(None, {"images": np.zeros((1, 3, 256, 256), np.float32)})[0]
+    assert output.shape == (1, 3 * (32 * 32 + 16 * 16 + 8 * 8 + 4 * 4), 7)

@@ -18,6 +18,12 @@ from device.errors import ToolkitError
 from tests.cli_helpers import run_toolkit
 
 
+@pytest.fixture(autouse=True)
+def _work_in_tmp(tmp_path, monkeypatch):
+    """Default outputs go to the current folder: keep them out of the repository."""
+    monkeypatch.chdir(tmp_path)
+
+
 class _Files(BaseHTTPRequestHandler):
     files: ClassVar[dict[str, bytes]] = {}
     requests: ClassVar[list[str]] = []
