@@ -200,3 +200,31 @@ def test_calibration_chunks_divide_the_sample_count():
     assert [quantize.calibration_chunk(n) for n in (1, 7, 16, 60, 100, 128)] == [
         1, 7, 16, 15, 10, 16
     ]  # fmt: skip
+
+
+def test_export_with_quantize_writes_the_int8_beside_the_export(tiny_pt, tmp_path):
+    images = scene_images(tmp_path / "frames", 12, seed=2)
+    output = tmp_path / "out" / "tiny.onnx"
+
+    outcome = CliRunner().invoke(
+        app,
+        ["export", "-w", str(tiny_pt), "-o", str(output), "--imgsz", "320",
+         "--quantize", "static", "--calib-data", str(images), "--preset", "x86"],
+    )  # fmt: skip
+
+    assert outcome.exit_code == 0, outcome.output
+    int8 = tmp_path / "out" / "tiny-int8-x86.onnx"
+    info = model_info_from_metadata(metadata(int8))
+    assert (info.precision, info.quantization.preset, info.quantization.reduce_range) == (
+        "int8", "x86", True
+    )  # fmt: skip
+    assert (tmp_path / "out" / "tiny-int8-report.md").is_file()
+
+
+def test_export_quantize_without_calibration_data_is_refused(tiny_pt, tmp_path):
+    outcome = CliRunner().invoke(
+        app, ["export", "-w", str(tiny_pt), "-o", str(tmp_path / "t.onnx"), "-q", "static"]
+    )
+    assert isinstance(outcome.exception, ToolkitError)
+    assert "--quantize needs --calib-data" in str(outcome.exception)
+    assert not (tmp_path / "t.onnx").exists()

@@ -307,6 +307,7 @@ def prove(
         rows.append(
             _row(model, detections, reference, truth, median, p95, latencies[0][0], request)
         )
+    _apply_map_budget(rows, request.max_drop)
     return ProofReport(
         model=str(request.model),
         host=host_description(),
@@ -326,6 +327,17 @@ def prove(
         calibration={},
         variants=rows,
     )
+
+
+def _apply_map_budget(rows: list[VariantRow], max_drop: float) -> None:
+    """With labels, a variant whose true mAP50 falls more than the budget below FP32's is out
+    of budget too, whatever its agreement."""
+    fp32_map = rows[0].map50
+    if fp32_map is None or math.isnan(fp32_map):
+        return
+    for row in rows[1:]:
+        if row.map50 is not None and fp32_map - row.map50 > max_drop:
+            row.within_budget = False
 
 
 def _row(

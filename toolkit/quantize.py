@@ -558,7 +558,40 @@ def rank_layers(
         group = group_of.get(producer.get(tensor, ""))
         if group is not None:
             worst[group] = min(worst.get(group, np.inf), error)
-    return sorted(worst.items(), key=lambda item: item[1])
+
+    # A float layer costs time in proportion to its multiply-adds: a layer ten times dearer
+    # than average must be COST_WEIGHT_DB worse to rank level with it.
+    shares = conv_cost_shares(model, groups)
+    average = 1.0 / max(len(shares), 1)
+
+    def badness(item: tuple[str, float]) -> float:
+        share = max(shares.get(item[0], average), 1e-6)
+        return item[1] + COST_WEIGHT_DB * np.log10(share / average)
+
+    return sorted(worst.items(), key=badness)
+
+
+COST_WEIGHT_DB = 10.0
+
+
+def conv_cost_shares(model: onnx.ModelProto, groups: dict[str, list[str]]) -> dict[str, float]:
+    """Each Conv group's share of the model's Conv multiply-adds (from inferred shapes)."""
+    inferred = onnx.shape_inference.infer_shapes(model)
+    shapes = {
+        v.name: [d.dim_value for d in v.type.tensor_type.shape.dim]
+        for v in [*inferred.graph.value_info, *inferred.graph.output]
+    }
+    weights = {i.name: list(i.dims) for i in model.graph.initializer}
+    macs: dict[str, float] = {}
+    for node in model.graph.node:
+        if node.op_type != "Conv" or node.name not in groups:
+            continue
+        out_shape = shapes.get(node.output[0], [])
+        kernel = weights.get(node.input[1], [])
+        if len(out_shape) == 4 and kernel:
+            macs[node.name] = float(np.prod(out_shape[1:]) * np.prod(kernel[1:]))
+    total = sum(macs.values()) or 1.0
+    return {name: value / total for name, value in macs.items()}
 
 
 def search_float_layers(
