@@ -93,6 +93,13 @@ def test_unit_runs_a_watched_sandboxed_camera_daemon(tmp_path):
     assert not any(line.startswith("PrivateDevices=yes") for line in lines)
 
 
+def test_extra_writable_paths_are_opened_in_the_sandbox():
+    unit = render_unit(UnitSettings(root="/opt/e", user="pi", writable_paths=("/var/lib/snaps",)))
+
+    assert "ReadWritePaths=/var/lib/snaps" in unit.splitlines()
+    assert "ReadWritePaths=/opt/e/state" in unit.splitlines()
+
+
 def test_root_under_home_keeps_home_readable():
     unit = render_unit(UnitSettings(root="/home/pi/edge-yolo", user="pi"))
 
@@ -104,11 +111,12 @@ def test_root_under_home_keeps_home_readable():
     ("settings", "message"),
     [
         (UnitSettings(root="/opt/edge-yolo", user="root"), "unprivileged service user"),
-        (UnitSettings(root="opt/edge-yolo", user="pi"), "absolute deploy root"),
+        (UnitSettings(root="opt/edge-yolo", user="pi"), "absolute path without spaces"),
+        (UnitSettings(root="/opt/my edge", user="pi"), "absolute path without spaces"),
         (UnitSettings(root="/opt/x", user="pi", name="a b"), "unit name"),
         (UnitSettings(root="/opt/x", user="pi", watchdog_sec=1), "WatchdogSec of at least 5"),
     ],
-    ids=["root-user", "relative-root", "bad-name", "short-watchdog"],
+    ids=["root-user", "relative-root", "root-with-space", "bad-name", "short-watchdog"],
 )
 def test_unsafe_settings_are_refused(settings, message):
     with pytest.raises(ToolkitError, match=message):

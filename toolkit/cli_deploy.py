@@ -56,6 +56,9 @@ SERVICE_MANAGER = typer.Option(
 )
 UNIT_NAME = typer.Option(None, "--unit-name", help="systemd unit name (edge-yolo).")
 DEVICE_PYTHON = typer.Option(None, "--device-python", help="Device interpreter (python3).")
+WRITABLE = typer.Option(
+    None, "--writable", help="Directory the service may write, e.g. snapshots (repeatable)."
+)
 
 
 OUT = typer.Argument(..., help="Bundle directory, or an archive ending in .tar.gz.")
@@ -71,7 +74,8 @@ BUNDLE = typer.Argument(None, help="Bundle directory or .tar.gz.")
 
 
 def _device_overrides(**given) -> dict:
-    return {key: value for key, value in given.items() if value is not None}
+    """The flags the user gave; an empty repeatable option counts as not given."""
+    return {key: value for key, value in given.items() if value is not None and value != []}
 
 
 def select_devices(host: str | None, inventory: Path | None, limit: list[str] | None, **given):
@@ -170,6 +174,7 @@ def deploy_command(
     ),
     keep_releases: int | None = typer.Option(None, help="Healthy releases kept (3)."),
     watchdog_sec: int | None = typer.Option(None, help="WatchdogSec of the unit (30)."),
+    writable_paths: list[str] | None = WRITABLE,
 ) -> None:
     """Deploy a bundle over SSH: check, upload, install, switch, wait for /health or roll back."""
     flags = dict(locals())

@@ -312,7 +312,11 @@ def check_device(remote: Remote, device: DeviceSettings, bundle: LocalBundle) ->
 def unit_settings(remote: Remote, device: DeviceSettings) -> UnitSettings:
     user = device.service_user or remote.run(["id", "-un"], what="id -un").stdout.strip()
     settings = UnitSettings(
-        root=device.root, user=user, name=device.unit_name, watchdog_sec=device.watchdog_sec
+        root=device.root,
+        user=user,
+        name=device.unit_name,
+        watchdog_sec=device.watchdog_sec,
+        writable_paths=tuple(device.writable_paths),
     )
     render_unit(settings)  # validates: refuses root, relative roots, bad names
     return settings

@@ -71,6 +71,10 @@ class DeviceSettings(BaseModel):
     )
     keep_releases: int = Field(3, ge=1, le=100, description="Healthy releases kept on the device")
     watchdog_sec: int = Field(30, ge=5, le=3600, description="systemd WatchdogSec of the unit")
+    writable_paths: list[str] = Field(
+        default_factory=list,
+        description="Directories the sandboxed service may write besides <root>/state",
+    )
 
     @model_validator(mode="after")
     def _defaults(self) -> DeviceSettings:

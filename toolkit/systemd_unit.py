@@ -53,8 +53,11 @@ class UnitSettings:
 
 
 def validate_settings(settings: UnitSettings) -> None:
-    if not PurePosixPath(settings.root).is_absolute():
-        raise ToolkitError(f"Expected an absolute deploy root, got {settings.root!r}.")
+    for path in (settings.root, *settings.writable_paths):
+        if not PurePosixPath(path).is_absolute() or any(char.isspace() for char in path):
+            raise ToolkitError(
+                f"Expected an absolute path without spaces (it goes into the unit), got {path!r}."
+            )
     if not _NAME.match(settings.name):
         raise ToolkitError(
             f"Expected a unit name of letters, digits and ':_.-', got {settings.name!r}."
