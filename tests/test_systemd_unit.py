@@ -96,7 +96,7 @@ def test_unit_runs_a_watched_sandboxed_camera_daemon(tmp_path):
 def test_extra_writable_paths_are_opened_in_the_sandbox():
     unit = render_unit(UnitSettings(root="/opt/e", user="pi", writable_paths=("/var/lib/snaps",)))
 
-    assert "ReadWritePaths=/var/lib/snaps" in unit.splitlines()
+    assert "ReadWritePaths=-/var/lib/snaps" in unit.splitlines()
     assert "ReadWritePaths=/opt/e/state" in unit.splitlines()
 
 

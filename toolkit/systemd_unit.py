@@ -78,7 +78,8 @@ def render_unit(settings: UnitSettings) -> str:
     """The unit file text."""
     validate_settings(settings)
     root = PurePosixPath(settings.root)
-    writable = [settings.state_dir, *settings.writable_paths]
+    # "-": a missing extra directory must not stop the service from starting (status 226).
+    writable = [settings.state_dir, *(f"-{path}" for path in settings.writable_paths)]
     protect_home = "read-only" if _under_home(root) else "yes"
     lines = [
         "[Unit]",
