@@ -51,7 +51,7 @@ class Recipe:
     architecture: str = "yolov5n"  # shipped config in models/, nc replaced by the class count
     image_size: int = 256  # square letterboxed input, as exported
     batch_size: int = 16
-    steps: int = 900
+    steps: int = 600
     seed: int = 0
     # AdamW at Ultralytics' automatic choice for short runs: lr 0.002 * 5 / (4 + nc).
     lr0: float = 0.00125
@@ -70,7 +70,8 @@ class Recipe:
     anchor_t: float = 4.0
     render_scale_max: float = 2.5  # scenes are drawn at 1x .. this x the input, then resized
     jpeg_probability: float = 0.5  # camera and clip compression artefacts
-    eval_every: int = 300
+    eval_every: int = 200
+    init_from: str = ""  # a previous run's state whose raw weights start this run
 
 
 # Data
@@ -252,6 +253,9 @@ def train(recipe: Recipe, out: Path, val_dir: Path, state_path: Path, resume: bo
     optimizer = torch.optim.AdamW(
         parameter_groups(model, recipe.weight_decay), lr=recipe.lr0, betas=(recipe.beta1, 0.999)
     )
+    if recipe.init_from:
+        model.load_state_dict(torch.load(recipe.init_from, weights_only=True)["model"])
+        log.info("starting from the weights in %s", recipe.init_from)
     ema = ModelEMA(model, recipe.ema_decay, recipe.ema_tau)
     val_samples = load_val_set(val_dir)
     log.info("recipe %s", json.dumps(dataclasses.asdict(recipe)))
@@ -325,6 +329,10 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
     parser.add_argument("--image-size", type=int, default=defaults.image_size)
     parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--lr0", type=float, default=defaults.lr0)
+    parser.add_argument("--warmup-steps", type=int, default=defaults.warmup_steps)
+    parser.add_argument("--eval-every", type=int, default=defaults.eval_every)
+    parser.add_argument("--init-from", default="", help="start from this run state's weights")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
 
@@ -337,6 +345,10 @@ def main() -> None:
         batch_size=args.batch_size,
         image_size=args.image_size,
         seed=args.seed,
+        lr0=args.lr0,
+        warmup_steps=args.warmup_steps,
+        eval_every=args.eval_every,
+        init_from=args.init_from,
     )
     train(recipe, args.out, args.val, args.state, args.resume)
 

@@ -21,6 +21,7 @@ import urllib.request
 from pathlib import Path
 
 from device.errors import ToolkitError
+from toolkit.demo import DEMO_WEIGHTS
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +29,6 @@ OFFICIAL_BASE_URL = "https://github.com/ultralytics/yolov5/releases/download/v7.
 BASE_URL_ENV = "EDGE_YOLO_WEIGHTS_URL"
 CACHE_ENV = "EDGE_YOLO_CACHE"
 TIMEOUT_SECONDS = 30.0
-DEMO_WEIGHTS = Path(__file__).resolve().parents[1] / "models" / "demo" / "shapes-yolov5n.pt"
 _CHUNK = 1 << 16
 
 # sha256 of the v7.0 release assets. yolov5n.pt was checked against the file itself; the
