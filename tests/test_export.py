@@ -19,7 +19,7 @@ from device.preprocess import preprocess
 from tests.cli_helpers import run_toolkit
 from toolkit import verify
 from toolkit.checkpoint import load_model, save_ultralytics_checkpoint
-from toolkit.export import ExportOptions, check_options, export_model
+from toolkit.export import ExportOptions, check_options, detect_tail, export_model
 from toolkit.yolo import build_model, load_config
 
 
@@ -152,6 +152,11 @@ def test_half_keeps_float32_io(tiny_pt, tiny_onnx, tmp_path):
     }
     for value in (*model.graph.input, *model.graph.output):
         assert value.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    # The box decoding (grid and anchor constants) stays float32.
+    tail = set(detect_tail(model.graph))
+    tail_inputs = {i for n in model.graph.node if n.name in tail for i in n.input}
+    constants = [t for t in model.graph.initializer if t.name in tail_inputs and len(t.dims) > 1]
+    assert constants and {t.data_type for t in constants} == {onnx.TensorProto.FLOAT}
     assert path.stat().st_size < 0.6 * tiny_onnx.stat().st_size
 
 

@@ -239,14 +239,33 @@ def _simplify(model: onnx.ModelProto) -> onnx.ModelProto:
 def _to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
-    # float32 in and out so that the runtime's preprocessing and postprocessing are unchanged.
+    # float32 in and out so that the runtime's preprocessing and postprocessing are unchanged;
+    # the box decoding stays float32 too: fp16 has 0.5 px steps at 640 and a grid computed at
+    # run time (dynamic sizes) would lose up to several pixels.
+    tail = detect_tail(model.graph)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        half = convert_float_to_float16(model, keep_io_types=True)
+        half = convert_float_to_float16(model, keep_io_types=True, node_block_list=tail)
     # The converter appends its input casts after the nodes that read them.
     _sort_topologically(half.graph)
     log.info("Converted weights and activations to fp16 (inputs and outputs stay float32)")
     return half
+
+
+def detect_tail(graph: onnx.GraphProto) -> list[str]:
+    """Names of the nodes between the detection heads' last Conv and the output: the box
+    decoding. Found by walking back from the output and stopping at Conv nodes, so it does not
+    depend on node names."""
+    producer = {output: node for node in graph.node for output in node.output}
+    pending = [o.name for o in graph.output]
+    tail: dict[str, None] = {}
+    while pending:
+        node = producer.get(pending.pop())
+        if node is None or node.op_type == "Conv" or node.name in tail:
+            continue
+        tail[node.name] = None
+        pending.extend(node.input)
+    return list(tail)
 
 
 def _sort_topologically(graph: onnx.GraphProto) -> None:
