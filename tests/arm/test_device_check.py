@@ -14,8 +14,9 @@ CHECK_TIMEOUT_S = 240
 
 
 def test_check_reports_the_cpu_and_its_precision(imitated_dotprod):
-    # On the emulated board sys.executable is also the OS python (there is no other).
-    command = [sys.executable, "-m", "device.check", "--json", "--system-python", sys.executable]
+    # 'toolkit-device check'; on the emulated board sys.executable is also the OS python.
+    command = [sys.executable, "-m", "device.cli", "check", "--json"]
+    command += ["--system-python", sys.executable]
 
     done = subprocess.run(
         command, capture_output=True, text=True, timeout=CHECK_TIMEOUT_S, check=False
@@ -41,6 +42,7 @@ def test_check_turns_an_onnxruntime_crash_into_a_message(imitated_dotprod):
     if not os.path.isdir(crashing):
         pytest.skip("no crashing onnxruntime build given (EDGE_ARM_CRASHING_ORT)")
     # onnxruntime 1.21.0 executes instructions beyond ARMv8.0: SIGILL on a Cortex-A72 (Pi 4).
+    # This runs the stdlib-only module that 'toolkit deploy' sends to a board.
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([crashing, os.environ["PYTHONPATH"]]))
     command = [sys.executable, "-m", "device.check", "--json", "--system-python", sys.executable]
 
