@@ -362,3 +362,35 @@ def test_arm_requirements_follow_pyproject():
     assert {"onnxruntime", "numpy", "opencv-python-headless", "pytest"} <= names
     assert "torch" not in names and "onnx" not in names
     assert "numpy<2" in requirements
+
+
+def test_build_reuses_what_it_built(arm):
+    before = {path: path.stat().st_ino for path in (arm.root, arm.site, arm.crashing_onnxruntime)}
+
+    again = arm_env.build()
+
+    assert again == arm
+    assert {path: path.stat().st_ino for path in before} == before
+
+
+def test_unreachable_mirror_fails_with_what_to_do(monkeypatch, tmp_path):
+    if arm_env.which("debootstrap") is None or os.geteuid() != 0:
+        pytest.skip("needs debootstrap, run as root")
+    # A closed local port: the download fails at once, without touching any other host.
+    monkeypatch.setattr(arm_env, "MIRROR", "http://127.0.0.1:9/debian")
+    monkeypatch.setattr(arm_env, "DOWNLOAD_ATTEMPTS", 2)
+    monkeypatch.setattr(arm_env.time, "sleep", lambda seconds: None)
+
+    with pytest.raises(arm_env.ArmEnvError) as raised:
+        arm_env._download_debs(tmp_path / "debootstrap")
+
+    message = str(raised.value)
+    assert "http://127.0.0.1:9/debian" in message and "after 2 attempts" in message
+    assert "EDGE_ARM_MIRROR" in message
+
+
+def test_missing_emulator_is_named_with_its_package(monkeypatch):
+    monkeypatch.setattr(arm_env, "which", lambda tool: None)
+
+    with pytest.raises(arm_env.ArmEnvError, match=r"qemu-aarch64-static \(apt-get install "):
+        arm_env.build()
