@@ -104,6 +104,22 @@ def test_yolov5n_onnx_finds_the_two_men_on_zidane(yolov5n_onnx, zidane_jpg):
     assert max(d.score for d in detections if d.label == "person") > 0.75
 
 
+@pytest.mark.realdata
+@pytest.mark.slow
+def test_yolov5n_fp16_finds_what_fp32_finds(yolov5n_onnx, yolov5n_pt, bus_jpg, tmp_path):
+    half = export_model(yolov5n_pt, tmp_path / "half.onnx", half=True)
+
+    # Detections near the 0.25 threshold may flip with fp16 rounding; clear ones must not.
+    reference = [d for d in _detect(yolov5n_onnx, bus_jpg) if d.score >= 0.3]
+    candidate = [d for d in _detect(half, bus_jpg) if d.score >= 0.3]
+
+    assert _info(half).precision == "fp16"
+    assert sorted(d.label for d in candidate) == sorted(d.label for d in reference)
+    for detection in reference:
+        box = (detection.x1, detection.y1, detection.x2, detection.y2)
+        _assert_found(candidate, detection.label, box, min_iou=0.95)
+
+
 # --- options, on a tiny random model -------------------------------------------------------
 
 
