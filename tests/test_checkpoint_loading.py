@@ -87,6 +87,25 @@ def test_custom_classes_multiples_and_anchors_round_trip(tmp_path, model_class):
     assert _same_output(copy.deepcopy(model).half().float(), loaded) == 0.0
 
 
+def test_training_checkpoint_extras_load(tmp_path):
+    import numpy as np
+
+    # What YOLOv5's train.py stores beside the model in last.pt / best.pt.
+    model = _tiny_model()
+    extra = {
+        "best_fitness": np.float64(0.42),
+        "opt": {"weights": "yolov5s.pt", "save_dir": "runs/train/exp", "imgsz": 640},
+        "git": {"remote": "", "branch": "master", "commit": "abc"},
+        "optimizer": {"state": {}, "param_groups": [{"lr": 0.01, "params": [0, 1]}]},
+        "epoch": 299,
+    }
+    path = save_ultralytics_checkpoint(model, tmp_path / "last.pt", extra=extra)
+
+    loaded, checkpoint = load_model(path)
+    assert checkpoint.extra["epoch"] == 299
+    assert _same_output(copy.deepcopy(model).half().float(), loaded) == 0.0
+
+
 def test_fp32_fused_checkpoint_with_leaky_relu_loads(tmp_path):
     model = _tiny_model(activation="nn.LeakyReLU(0.1)").fuse()
     path = save_ultralytics_checkpoint(model, tmp_path / "fused.pt", half=False)
