@@ -56,6 +56,10 @@ CALIBRATION_SAMPLES = 32
 DAEMON_FRAMES = 3
 DAEMON_CLIP_START_S = 25  # people and a skateboard are in view from here on
 ARM_SUITE_TIMEOUT_S = 900
+OWN_ARM_MODULES = {
+    f"tests.arm.{name}"
+    for name in ("test_runtime", "test_models", "test_daemon", "test_device_check")
+}
 
 
 def _load_arm_env():
@@ -310,17 +314,23 @@ def test_arm_suite(arm_runs, cpu):
 
     assert run["returncode"] == 0, output
     outcomes = _outcomes(run["report"])
-    skipped = {name: reason for name, reason in outcomes.items() if reason is not None}
-    assert not skipped, f"tests/arm skipped inside the emulator: {skipped}\n{output}"
     assert len(outcomes) >= 5, output
+    # This suite's own tests may skip only for want of ../shared/realdata on the host.
+    unexplained = {
+        name: reason
+        for (module, name), reason in outcomes.items()
+        if reason is not None and module in OWN_ARM_MODULES and "realdata" not in reason
+    }
+    assert not unexplained, f"tests/arm skipped inside the emulator: {unexplained}\n{output}"
 
 
-def _outcomes(report: Path) -> dict[str, str | None]:
-    """Each test case of a JUnit report, with its skip reason or None."""
+def _outcomes(report: Path) -> dict[tuple[str, str], str | None]:
+    """Each test case of a JUnit report by (module, name), with its skip reason or None."""
     outcomes = {}
     for case in ET.parse(report).getroot().iter("testcase"):
         skip = case.find("skipped")
-        outcomes[case.get("name")] = None if skip is None else skip.get("message", "")
+        key = (case.get("classname", ""), case.get("name"))
+        outcomes[key] = None if skip is None else skip.get("message", "")
     return outcomes
 
 

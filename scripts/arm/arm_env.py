@@ -37,8 +37,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import tomllib
-
 log = logging.getLogger("arm_env")
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -136,6 +134,12 @@ def resolve_cpu(name: str) -> CpuProfile:
 
 def device_requirements() -> list[str]:
     """The device runtime's dependencies (pyproject's base list), the Pi's caps, test tools."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        raise ArmEnvError(
+            "Reading pyproject.toml needs Python 3.11 or later on the host."
+        ) from None
     project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
     dev = project.get("optional-dependencies", {}).get("dev", [])
     tools = [req for req in dev if req.split(">")[0].split("=")[0].strip() in TEST_TOOLS]
