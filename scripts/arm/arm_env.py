@@ -455,7 +455,11 @@ def _write_view(env: ArmEnv, cpu: CpuProfile) -> None:
     # with sys.executable is emulated too, on the same CPU.
     qemu = which(QEMU) or QEMU
     script = (
-        f'#!/bin/sh\nexec "{qemu}" -L "{rootfs}" -0 "{env.python(cpu)}" "{rootfs}{PYTHON}" "$@"\n'
+        "#!/bin/sh\n"
+        "# qemu writes a core file into the working directory when the guest crashes (tests\n"
+        "# crash it on purpose): none.\n"
+        "ulimit -c 0\n"
+        f'exec "{qemu}" -L "{rootfs}" -0 "{env.python(cpu)}" "{rootfs}{PYTHON}" "$@"\n'
     )
     _write_atomic(env.python(cpu), script, mode=0o755)
 
