@@ -135,7 +135,9 @@ def _caption(report: ProofReport) -> str:
         f"Held-out: {held['count']} images not used for calibration "
         f"({'labelled' if held.get('labelled') else 'unlabelled'}). Agreement with FP32 at IoU "
         f"{s['iou_threshold']}, confidence {s['conf_threshold']}; budget: recall and precision "
-        f">= {1 - s['max_drop']:.2f}. Latency on {report.host['cpu']} "
+        f">= {1 - s['max_drop']:.2f}. mAP50 vs FP32 ranks every candidate (conf >= 0.001) "
+        "against FP32's detections: whether the objects are still found at some threshold. "
+        f"Latency on {report.host['cpu']} "
         f"({report.host['cpus']} CPUs), onnxruntime {report.host['onnxruntime']}, "
         f"{s['latency_runs']} runs interleaved."
     )
@@ -157,8 +159,11 @@ def render_markdown(report: ProofReport) -> str:
     ]
     for v in report.variants:
         if v.recipe:
-            recipe = ", ".join(f"{k}={val}" for k, val in v.recipe.items() if k != "float_nodes")
-            lines.append(f"- {v.name}: {recipe}")
+            shown = {k: val for k, val in v.recipe.items() if val not in ("", []) and k not in
+                     ("float_nodes", "float_layers")}  # fmt: skip
+            recipe = ", ".join(f"{k}={val}" for k, val in shown.items())
+            lines.append(f"- {v.name}: {recipe}; {len(v.recipe.get('float_nodes', []))} nodes "
+                         "float (the Detect tail and any kept layers)")  # fmt: skip
         if v.float_layers:
             lines.append(f"  - kept in float by the budget search: {', '.join(v.float_layers)}")
     if report.search:
