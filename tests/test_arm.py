@@ -53,6 +53,7 @@ INT8_TOLERANCE = {
     "detections": {"min_iou": 0.5, "score_atol": 0.15, "margin": 0.1},
 }
 CALIBRATION_SAMPLES = 32
+PROOF_SAMPLES = 8
 DAEMON_FRAMES = 3
 DAEMON_CLIP_START_S = 25  # people and a skateboard are in view from here on
 ARM_SUITE_TIMEOUT_S = 900
@@ -163,37 +164,30 @@ def _yolov5n_references(refs: Path, fp32: Path) -> dict:
     references = {"fp32-320": _model_reference(refs, "fp32-320", fp32, photos, FP32_TOLERANCE)}
     for preset in ("x86", "arm64"):
         name = f"int8-{preset}-320"
-        int8_path = _quantize(fp32, refs / f"yolov5n-{name}.onnx", preset)
+        int8_path = _quantize(fp32, refs / name, preset)
         references[name] = _model_reference(
             refs, name, int8_path, photos, INT8_TOLERANCE, fp32_path=fp32
         )
     return references
 
 
-def _quantize(fp32_path: Path, output: Path, preset: str) -> Path:
-    """Static INT8 QDQ with the quantizer's recipe for ``preset``, calibrated on real frames."""
-    from toolkit.calibrate import open_source, sample_split
-    from toolkit.quantize import (
-        PRESETS,
-        Recipe,
-        find_detect_tail,
-        float_nodes_for,
-        layer_groups,
-        load_fp32_model,
-        static_quantize,
-    )
+def _quantize(fp32_path: Path, folder: Path, preset: str) -> Path:
+    """Static INT8 QDQ as ``toolkit quantize --preset PRESET`` makes it, from real frames."""
+    from toolkit.prove import QuantizeRequest, output_paths, quantize_and_prove
 
-    model, info = load_fp32_model(fp32_path)
-    tail = find_detect_tail(model, info)
-    recipe = Recipe(PRESETS[preset])
-    sources = [
-        open_source(realdata_file("coco8")),
-        open_source(realdata_file("video/car-detection.mp4")),
-    ]
-    samples, _ = sample_split(sources, CALIBRATION_SAMPLES, 0, seed=0)
-    float_nodes = float_nodes_for(recipe, tail, layer_groups(model, tail))
-    static_quantize(fp32_path, output, samples, info, recipe, float_nodes=float_nodes)
-    return output
+    folder.mkdir(exist_ok=True)
+    request = QuantizeRequest(
+        model=fp32_path,
+        data=[realdata_file("coco8"), realdata_file("video/car-detection.mp4")],
+        preset=preset,
+        samples=CALIBRATION_SAMPLES,
+        eval_samples=PROOF_SAMPLES,
+        search=False,  # the preset's recipe as it is; the search is the quantizer's to test
+        latency_runs=1,
+        output_dir=folder,
+    )
+    quantize_and_prove(request)
+    return output_paths(request, preset)["static"]
 
 
 def _model_reference(
