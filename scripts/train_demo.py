@@ -20,10 +20,15 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+# OpenMP workers that spin while waiting burn their time slices on a busy shared CPU: on the
+# 2-core build machine under load, passive waiting made each step about 10x faster.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import cv2
 import numpy as np
@@ -51,10 +56,10 @@ class Recipe:
     architecture: str = "yolov5n"  # shipped config in models/, nc replaced by the class count
     image_size: int = 256  # square letterboxed input, as exported
     batch_size: int = 16
-    steps: int = 600
+    steps: int = 1200
     seed: int = 0
-    # AdamW at Ultralytics' automatic choice for short runs: lr 0.002 * 5 / (4 + nc).
-    lr0: float = 0.00125
+    # AdamW, as Ultralytics chooses for short runs, at its largest automatic lr (0.002).
+    lr0: float = 0.002
     lr_final_ratio: float = 0.01  # cosine decay to lr0 * this
     beta1: float = 0.9
     weight_decay: float = 0.0005  # on conv and linear weights only, as upstream
@@ -66,11 +71,11 @@ class Recipe:
     ema_tau: float = 300.0  # upstream 2000, for runs of tens of thousands of steps
     loss_box: float = 0.05  # upstream hyp.scratch-low gains, before scaling by nc and size
     loss_obj: float = 1.0
-    loss_cls: float = 0.5
+    loss_cls: float = 1.5  # upstream 0.5; with 4 classes the class term learns last
     anchor_t: float = 4.0
     render_scale_max: float = 2.5  # scenes are drawn at 1x .. this x the input, then resized
     jpeg_probability: float = 0.5  # camera and clip compression artefacts
-    eval_every: int = 200
+    eval_every: int = 400
     init_from: str = ""  # a previous run's state whose raw weights start this run
 
 
@@ -244,7 +249,14 @@ def save_checkpoint(model: nn.Module, path: Path, recipe: Recipe, metrics: dict)
 # The run
 
 
-def train(recipe: Recipe, out: Path, val_dir: Path, state_path: Path, resume: bool) -> dict:
+def train(
+    recipe: Recipe,
+    out: Path,
+    val_dir: Path,
+    state_path: Path,
+    resume: bool,
+    stop_after: int | None = None,
+) -> dict | None:
     torch.manual_seed(recipe.seed)
     cfg = load_config(recipe.architecture)
     model = build_model(cfg, nc=len(CLASS_NAMES), names=list(CLASS_NAMES))
@@ -274,6 +286,11 @@ def train(recipe: Recipe, out: Path, val_dir: Path, state_path: Path, resume: bo
 
     began, running = time.monotonic(), None
     for step in range(start, recipe.steps):
+        if stop_after is not None and step >= stop_after:
+            # A first phase: keep the state for --init-from, write no checkpoint.
+            save_resume_state(state_path, model, ema, optimizer, step)
+            log.info("stopped after step %d as asked; state in %s", step, state_path)
+            return None
         model.train()
         lr = set_schedule(optimizer, step, recipe)
         images, targets = training_batch(step, recipe)
@@ -333,6 +350,9 @@ def main() -> None:
     parser.add_argument("--warmup-steps", type=int, default=defaults.warmup_steps)
     parser.add_argument("--eval-every", type=int, default=defaults.eval_every)
     parser.add_argument("--init-from", default="", help="start from this run state's weights")
+    parser.add_argument(
+        "--stop-after", type=int, default=None, help="end after this many steps of the schedule"
+    )
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
 
@@ -350,7 +370,7 @@ def main() -> None:
         eval_every=args.eval_every,
         init_from=args.init_from,
     )
-    train(recipe, args.out, args.val, args.state, args.resume)
+    train(recipe, args.out, args.val, args.state, args.resume, args.stop_after)
 
 
 if __name__ == "__main__":

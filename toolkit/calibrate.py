@@ -188,7 +188,7 @@ def label_path(source: DataSource, image_path: Path) -> Path:
 def _read_labels(source: DataSource, image_path: Path, image_size: tuple[int, int]) -> ImageBoxes:
     """Ground truth of one image in its pixels; a missing label file means no objects."""
     path = label_path(source, image_path)
-    if not path.exists():
+    if not path.exists() or not path.read_text().strip():  # an image without objects
         return ImageBoxes.empty()
     try:
         rows = np.loadtxt(path, ndmin=2, dtype=np.float64)
