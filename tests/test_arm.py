@@ -398,3 +398,24 @@ def test_missing_emulator_is_named_with_its_package(monkeypatch):
 
     with pytest.raises(arm_env.ArmEnvError, match=r"qemu-aarch64-static \(apt-get install "):
         arm_env.build()
+
+
+def test_a_failed_stage_leaves_the_previous_one(tmp_path):
+    target, stamp = tmp_path / "site", tmp_path / "site.stamp"
+    target.mkdir()
+    (target / "old").write_text("previous build")
+    stamp.write_text("old-key")
+
+    with pytest.raises(arm_env.ArmEnvError), arm_env._staged(target, stamp, "new-key") as scratch:
+        (scratch / "half").write_text("interrupted")
+        raise arm_env.ArmEnvError("pip failed")
+
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["site", "site.stamp"]
+    assert (target / "old").read_text() == "previous build"
+    assert stamp.read_text() == "old-key"
+
+    with arm_env._staged(target, stamp, "new-key") as scratch:
+        (scratch / "new").write_text("complete")
+
+    assert [p.name for p in target.iterdir()] == ["new"]
+    assert stamp.read_text() == "new-key"

@@ -322,17 +322,28 @@ def _build_root(env: ArmEnv, *, force: bool) -> None:
         )
 
     debs = _download_debs(env.cache / "debootstrap")
-    staging = Path(tempfile.mkdtemp(prefix="root.", dir=env.cache))
-    log.info("unpacking %d arm64 packages", len(debs))
-    for deb in debs:
-        _run(["dpkg-deb", "-x", str(deb), str(staging)], what=f"unpacking {deb.name}")
-    _precompile_stdlib(staging)
-
-    stamp.unlink(missing_ok=True)
-    shutil.rmtree(env.root, ignore_errors=True)
-    staging.rename(env.root)
-    stamp.write_text(key)
+    with _staged(env.root, stamp, key) as staging:
+        log.info("unpacking %d arm64 packages", len(debs))
+        for deb in debs:
+            _run(["dpkg-deb", "-x", str(deb), str(staging)], what=f"unpacking {deb.name}")
+        _precompile_stdlib(staging)
     log.info("arm64 root built: %s", env.root)
+
+
+@contextmanager
+def _staged(target: Path, stamp: Path, key: str) -> Iterator[Path]:
+    """A scratch directory that replaces ``target`` (and stamps it) only if the block succeeds,
+    so an interrupted build leaves the previous stage or nothing, never half of one."""
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    stamp.unlink(missing_ok=True)
+    shutil.rmtree(target, ignore_errors=True)
+    staging.rename(target)
+    stamp.write_text(key)
 
 
 def _download_debs(workdir: Path) -> list[Path]:
@@ -387,7 +398,6 @@ def _install_wheels(
         log.info("aarch64 wheels up to date: %s", target)
         return
 
-    staging = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
     platforms = [arg for platform in WHEEL_PLATFORMS for arg in ("--platform", platform)]
     command = [
         sys.executable,
@@ -399,8 +409,6 @@ def _install_wheels(
         "--no-warn-conflicts",
         "--retries=5",
         "--timeout=60",
-        "--target",
-        str(staging),
         *platforms,
         "--only-binary=:all:",
         f"--python-version={PYTHON_VERSION}",
@@ -410,17 +418,13 @@ def _install_wheels(
         *requirements,
     ]
     log.info("installing aarch64 wheels: %s", " ".join(requirements))
-    _run(
-        command,
-        what="installing the aarch64 wheels",
-        hint="Every requirement needs an aarch64 cp311 wheel on PyPI; check the message above "
-        "for the one without, and the package index's reachability.",
-    )
-
-    stamp.unlink(missing_ok=True)
-    shutil.rmtree(target, ignore_errors=True)
-    staging.rename(target)
-    stamp.write_text(key)
+    with _staged(target, stamp, key) as staging:
+        _run(
+            [*command, "--target", str(staging)],
+            what="installing the aarch64 wheels",
+            hint="Every requirement needs an aarch64 cp311 wheel on PyPI; check the message "
+            "above for the one without, and the package index's reachability.",
+        )
     log.info("aarch64 wheels installed in %s: %s", target.name, _installed_versions(target))
 
 
