@@ -228,6 +228,12 @@ def run_command(
         # A signal during startup: everything opened so far has been closed.
         log.info("Stopped during startup")
         code = 0
+    if daemon.left_behind:
+        # A thread still inside onnxruntime would crash the interpreter's teardown; every
+        # output is closed and flushed by now, so leave without it.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
     raise typer.Exit(code)
 
 

@@ -45,6 +45,7 @@ class Daemon:
         self.health = Health(config.pipeline.health_max_frame_age_s)
         self.pipeline: Pipeline | None = None
         self.sinks: list[Sink] = []
+        self.left_behind: list[str] = []  # stage threads that did not finish by the exit
         self._stop_requested = threading.Event()
         self._wake = threading.Event()  # set by a stop request or by the pipeline finishing
         self._stop_reason = ""
@@ -191,9 +192,11 @@ class Daemon:
             pipeline.stop("stopped")
         self.health.set_state("stopping", self._stop_reason or pipeline.outcome)
         self.notifier.stopping(status=f"stopping: {self._stop_reason or pipeline.outcome}")
-        stuck = pipeline.join(timeout=10.0)
-        if stuck:
-            log.warning("Stages still running at exit (left behind): %s", ", ".join(stuck))
+        # One inference can take seconds on a slow board: let it finish rather than tear the
+        # session down under it.
+        self.left_behind = pipeline.join(timeout=max(10.0, self.config.pipeline.stall_timeout_s))
+        if self.left_behind:
+            log.warning("Stages still running at exit: %s", ", ".join(self.left_behind))
 
         elapsed = time.monotonic() - pipeline.started_at
         log.info(

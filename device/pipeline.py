@@ -230,7 +230,12 @@ class Pipeline:
     def _inference_loop(self) -> None:
         clock = self._clocks["inference"]
         next_due = 0.0
+        inferred = 0
         while True:
+            if self.max_frames and inferred >= self.max_frames:
+                # Enough: a frame more would only be thrown away, after seconds on a slow board.
+                self._put_blocking(self._to_post, _END)
+                return
             if self.min_interval:
                 # Throttled: wait first, then take the newest frame prepared meanwhile.
                 if self._stop.wait(max(0.0, next_due - time.monotonic())):
@@ -245,6 +250,7 @@ class Pipeline:
             clock.begin()
             job.rows = self.detector.infer(job.tensor)
             job.timings["inference"] = clock.end()
+            inferred += 1
             job.tensor = None  # the input is no longer needed; free it before the hand-over
             self._put_blocking(self._to_post, job)
 

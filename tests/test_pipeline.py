@@ -209,3 +209,33 @@ def test_max_fps_spaces_out_inference(detector):
     assert sink.frames == list(range(6))  # every frame of a file, only later
     # Six runs at most 20 a second cannot take less than five intervals.
     assert time.monotonic() - started >= 5 / 20
+
+
+class CountingDetector:
+    """The real detector, counting (and slowing) inference like a small board."""
+
+    def __init__(self, detector, delay: float) -> None:
+        self.detector = detector
+        self.delay = delay
+        self.runs = 0
+
+    def preprocess(self, image):
+        return self.detector.preprocess(image)
+
+    def infer(self, tensor):
+        self.runs += 1
+        time.sleep(self.delay)
+        return self.detector.infer(tensor)
+
+    def postprocess(self, rows, transform):
+        return self.detector.postprocess(rows, transform)
+
+
+def test_max_frames_runs_the_model_exactly_that_many_times(detector):
+    counting = CountingDetector(detector, delay=0.05)
+    sink = RecordingSink()
+    pipeline = make(counting, ScriptedSource(100), [sink], max_frames=3)
+    run(pipeline)
+
+    assert sink.frames == [0, 1, 2]
+    assert counting.runs == 3  # no fourth inference to throw away
