@@ -96,7 +96,7 @@ def arm():
 def arm_refs(tmp_path_factory) -> Path:
     """x86 references for tests/arm, with the manifest described in tests/arm/conftest.py."""
     refs = tmp_path_factory.mktemp("arm-refs")
-    manifest = {"models": {"tiny": _tiny_reference(refs)}}
+    manifest = {"models": {"tiny": _tiny_reference(refs)}, "runtime": _runtime_install(refs)}
     if (REALDATA / "models" / "yolov5n.pt").exists():
         from toolkit.export import export_model
 
@@ -107,6 +107,22 @@ def arm_refs(tmp_path_factory) -> Path:
         manifest["video"] = _daemon_reference(refs, fp32)
     (refs / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return refs
+
+
+def _runtime_install(refs: Path) -> dict:
+    """The runtime wheel 'toolkit bundle' ships, installed as pip installs it on a board.
+
+    Pure Python, so the host's pip unpacks it for the board; its dependencies are the emulated
+    environment's, resolved from the same pyproject list.
+    """
+    from toolkit.bundle import build_runtime_wheel
+
+    wheel = build_runtime_wheel(refs)
+    target = refs / "runtime"
+    command = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-index"]
+    command += ["--target", str(target), str(wheel)]
+    subprocess.run(command, check=True, capture_output=True, timeout=120)
+    return {"wheel": str(wheel), "path": str(target)}
 
 
 def _tiny_reference(refs: Path) -> dict:

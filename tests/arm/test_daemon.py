@@ -1,10 +1,13 @@
-"""The daemon on aarch64: a real video clip in, the JSON lines x86 wrote for it out."""
+"""The daemon on aarch64, run from the installed runtime wheel: a real video clip in, the JSON
+lines x86 wrote for it out."""
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -24,14 +27,39 @@ def video(manifest) -> dict:
     return manifest["video"]
 
 
-def test_daemon_writes_the_x86_detections(video, tmp_path):
+@pytest.fixture
+def installed_runtime(manifest, tmp_path) -> dict:
+    """Environment and working directory to run the runtime from its installed wheel, with
+    the source tree out of reach: what a board runs after 'toolkit deploy'."""
+    if "runtime" not in manifest:
+        pytest.skip("no installed runtime wheel given")
+    paths = os.environ["PYTHONPATH"].split(os.pathsep)
+    dependencies = [path for path in paths if not (Path(path) / "device").is_dir()]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([manifest["runtime"]["path"], *dependencies]))
+    return {"env": env, "cwd": tmp_path}
+
+
+def test_runtime_runs_from_its_wheel(installed_runtime, manifest):
+    code = "import device.cli, device.daemon, sys; print(device.cli.__file__)"
+
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False,
+        **installed_runtime,
+    )  # fmt: skip
+
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().startswith(manifest["runtime"]["path"]), done.stdout
+
+
+def test_daemon_writes_the_x86_detections(video, installed_runtime, tmp_path):
     jsonl = tmp_path / "detections.jsonl"
     placeholders = {"PYTHON": sys.executable, "OUTPUT": str(jsonl)}
     command = [placeholders.get(arg, arg) for arg in video["command"]]
 
     done = subprocess.run(
-        command, capture_output=True, text=True, timeout=DAEMON_TIMEOUT_S, check=False
-    )
+        command, capture_output=True, text=True, timeout=DAEMON_TIMEOUT_S, check=False,
+        **installed_runtime,
+    )  # fmt: skip
 
     assert done.returncode == 0, done.stderr[-3000:]
     lines = [json.loads(line) for line in jsonl.read_text().splitlines()]
