@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -61,3 +62,29 @@ def test_check_turns_an_onnxruntime_crash_into_a_message(imitated_dotprod):
         assert onnxruntime["status"] == "fail"
         assert "SIGILL" in onnxruntime["found"], onnxruntime
         assert "1.21.0" in onnxruntime["advice"]
+
+
+def test_check_sent_to_a_fresh_board_before_deploy(imitated_dotprod, tmp_path):
+    # 'toolkit deploy' pipes device/check.py into the OS's 'python3 -' before anything is
+    # installed: nothing of the runtime or its dependencies may be importable.
+    source = (Path(__file__).resolve().parents[2] / "device" / "check.py").read_text()
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    command = [sys.executable, "-", "--json", "--runtime-pending", "--root", str(tmp_path)]
+    command += ["--system-python", sys.executable, "--runtime-python", sys.executable]
+
+    done = subprocess.run(
+        command, input=source, capture_output=True, text=True, timeout=CHECK_TIMEOUT_S,
+        env=env, cwd=tmp_path, check=False,
+    )  # fmt: skip
+
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = json.loads(done.stdout)
+    checks = {check["name"]: check for check in report["checks"]}
+    # The camera check looks at the host's /dev and /sys: a webcam there would pass it.
+    statuses = {name: check["status"] for name, check in checks.items() if name != "camera"}
+    assert statuses == dict.fromkeys(
+        ["architecture", "python", "onnxruntime", "numpy/picamera2", "cpu", "disk"], "pass"
+    ), checks
+    assert checks["camera"]["status"] in ("pass", "warn"), checks["camera"]
+    assert "not installed" in checks["onnxruntime"]["found"], checks["onnxruntime"]
+    assert report["recommended_precision"] == ("int8" if imitated_dotprod else "fp32")
