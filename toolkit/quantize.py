@@ -473,7 +473,9 @@ def _atomic_output(output_path: Path):
     try:
         yield temp_path
         os.replace(temp_path, output_path)
-        log.info("Wrote %s (%.1f MB)", output_path, output_path.stat().st_size / 1e6)
+        # Budget-search trials go to a temporary folder: only real outputs are news.
+        announce = log.debug if tempfile.gettempdir() in str(output_path.parent) else log.info
+        announce("Wrote %s (%.1f MB)", output_path, output_path.stat().st_size / 1e6)
     finally:
         temp_path.unlink(missing_ok=True)
 
