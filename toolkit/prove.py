@@ -248,6 +248,7 @@ def make_static(
             quantize.static_quantize(
                 request.model, trial_path, calibration, info, recipe,
                 float_nodes=base_float + extra, seed=request.seed, calibration_cache=cache,
+                announce=False,
             )  # fmt: skip
             return _fidelity(trial_path, search_set, fp32_search)
 

@@ -352,6 +352,7 @@ def static_quantize(
     float_nodes: Sequence[str],
     seed: int = 0,
     calibration_cache: Path | None = None,
+    announce: bool = True,
 ) -> ModelInfo:
     """Calibrate on ``samples`` and write a static INT8 model; return its metadata."""
     method = CALIBRATION_METHODS[recipe.calibrate_method]
@@ -366,7 +367,10 @@ def static_quantize(
     if calibration_cache is not None and _supports_calibration_cache():
         kwargs["calibration_cache_path"] = calibration_cache
 
-    with _atomic_output(output_path) as temp_path, _quiet_onnxruntime_root_logger():
+    with (
+        _atomic_output(output_path, announce=announce) as temp_path,
+        _quiet_onnxruntime_root_logger(),
+    ):
         quantize_static(
             str(model_path),
             str(temp_path),
@@ -462,7 +466,7 @@ def _write_metadata(path: Path, info: ModelInfo) -> None:
 
 
 @contextlib.contextmanager
-def _atomic_output(output_path: Path):
+def _atomic_output(output_path: Path, *, announce: bool = True):
     """A temp path beside ``output_path``, renamed over it only if the block succeeds."""
     output_path.parent.mkdir(parents=True, exist_ok=True)
     handle, temp = tempfile.mkstemp(
@@ -473,9 +477,9 @@ def _atomic_output(output_path: Path):
     try:
         yield temp_path
         os.replace(temp_path, output_path)
-        # Budget-search trials go to a temporary folder: only real outputs are news.
-        announce = log.debug if tempfile.gettempdir() in str(output_path.parent) else log.info
-        announce("Wrote %s (%.1f MB)", output_path, output_path.stat().st_size / 1e6)
+        (log.info if announce else log.debug)(
+            "Wrote %s (%.1f MB)", output_path, output_path.stat().st_size / 1e6
+        )
     finally:
         temp_path.unlink(missing_ok=True)
 
