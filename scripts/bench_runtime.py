@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -43,8 +45,15 @@ WARMUP = 5  # frames each measurement runs before its clock starts
 DEFAULT_VIDEO = REPO.parent / "shared" / "realdata" / "video" / "one-by-one-person-detection.mp4"
 
 
-def raw_inference_fps(detector: Detector, video: Path, runs: int) -> float:
-    """session.run alone, on one real frame's tensor: the most the model can do here."""
+def cpu_seconds() -> float:
+    """CPU time of this process, every thread (onnxruntime's and FFmpeg's included)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def raw_inference_fps(detector: Detector, video: Path, runs: int) -> tuple[float, float]:
+    """session.run alone, on one real frame's tensor: the most the model can do here.
+    Returns frames/s and CPU seconds per run."""
     capture = cv2.VideoCapture(str(video))
     ok, frame = capture.read()
     capture.release()
@@ -55,10 +64,10 @@ def raw_inference_fps(detector: Detector, video: Path, runs: int) -> float:
     outputs = [detector.info.output_name]
     for _ in range(WARMUP):
         detector.session.run(outputs, feed)
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), cpu_seconds()
     for _ in range(runs):
         detector.session.run(outputs, feed)
-    return runs / (time.perf_counter() - started)
+    return runs / (time.perf_counter() - started), (cpu_seconds() - cpu) / runs
 
 
 def sequential_fps(detector: Detector, video: Path, frames: int) -> float:
@@ -97,8 +106,8 @@ def pipeline_fps(detector: Detector, video: Path, frames: int, out: Path) -> tup
     """Our daemon's pipeline in this process, writing JSON lines to a file; measured between
     the results of frame WARMUP and the last frame, so thread start-up is not counted.
 
-    Returns frames/s, the share of that time the inference thread spent in session.run, and
-    the mean session.run time in ms."""
+    Returns frames/s, the share of that time the inference thread spent in session.run, the
+    mean session.run time in ms, and CPU seconds per frame for the whole pipeline."""
     stats = RuntimeStats()
     source = VideoFileSource(VideoFileConfig(path=video, loop=True))
     sink = JsonlSink(JsonlConfig(enabled=True, path=str(out), append=False), stats)
@@ -114,16 +123,19 @@ def pipeline_fps(detector: Detector, video: Path, frames: int, out: Path) -> tup
         newest_frame=False,
         max_frames=frames + WARMUP,
     )
+    cpu = cpu_seconds()
     pipeline.start()
     pipeline.done.wait()
     pipeline.join()
+    cpu_per_frame = (cpu_seconds() - cpu) / (frames + WARMUP)
     source.close()
     sink.close()
     if pipeline.outcome != "max_frames":
         raise SystemExit(f"pipeline ended early: {pipeline.outcome} {pipeline.error}")
     elapsed = clock.times[-1] - clock.times[WARMUP - 1]
     inference = clock.inference[WARMUP:]
-    return frames / elapsed, sum(inference) / elapsed, 1000 * statistics.mean(inference)
+    busy = sum(inference) / elapsed
+    return frames / elapsed, busy, 1000 * statistics.mean(inference), cpu_per_frame
 
 
 def daemon_memory(model: Path, video: Path, frames: int, threads: int) -> dict:
@@ -214,12 +226,18 @@ def run(args: argparse.Namespace) -> None:
     results: dict[str, list[float]] = {"raw": [], "pipeline": [], "sequential": []}
     busy: list[float] = []
     run_ms: list[float] = []
+    cpu: dict[str, list[float]] = {"raw": [], "pipeline": []}
     with tempfile.TemporaryDirectory() as tmp:
         for round_index in range(args.rounds):
-            results["raw"].append(raw_inference_fps(detector, args.video, args.frames))
+            fps, cpu_per_run = raw_inference_fps(detector, args.video, args.frames)
+            results["raw"].append(fps)
+            cpu["raw"].append(cpu_per_run)
             out = Path(tmp) / "bench.jsonl"
-            fps, busy_share, mean_ms = pipeline_fps(detector, args.video, args.frames, out)
+            fps, busy_share, mean_ms, cpu_per_frame = pipeline_fps(
+                detector, args.video, args.frames, out
+            )
             results["pipeline"].append(fps)
+            cpu["pipeline"].append(cpu_per_frame)
             busy.append(busy_share)
             run_ms.append(mean_ms / (1000 / results["raw"][-1]))
             results["sequential"].append(sequential_fps(detector, args.video, args.frames))
@@ -252,8 +270,33 @@ def run(args: argparse.Namespace) -> None:
         f"each run {statistics.median(run_ms):.2f}x as long as alone (CPU shared with decode, "
         "letterbox and NMS)"
     )
-    verdict = "meets" if ratios["pipeline"] >= 0.95 else "MISSES"
-    print(f"target pipeline >= 95% of raw inference: {verdict} ({ratios['pipeline']:.1%})")
+    # Load-independent view: CPU work per frame.  At the least contended raw rate, inference
+    # keeps raw_cpu / best_run cores busy; the other stages add their own CPU at the same rate.
+    # While the sum fits in the machine's cores they take nothing from inference.
+    raw_cpu, pipe_cpu = statistics.median(cpu["raw"]), statistics.median(cpu["pipeline"])
+    best_run = 1 / max(results["raw"])
+    cores = len(os.sched_getaffinity(0))
+    demand = pipe_cpu / best_run
+    estimate = statistics.median(busy) * min(1.0, cores / demand)
+    print(
+        f"CPU per frame: session.run {1000 * raw_cpu:.1f} ms, whole pipeline "
+        f"{1000 * pipe_cpu:.1f} ms (+{1000 * (pipe_cpu - raw_cpu):.1f} ms decode, letterbox, NMS, "
+        f"JSON): {demand:.2f} of {cores} cores at the best raw rate; estimate without other "
+        f"load: pipeline at {estimate:.1%} of raw"
+    )
+    load = os.getloadavg()[0]
+    if load > cores:
+        print(
+            f"note: load average {load:.1f} on {cores} cores while measuring; the scheduler "
+            "shares CPU per thread, so the measured ratios favour the multi-threaded pipeline "
+            "over the two-thread raw loop; the CPU estimate above does not"
+        )
+    worst = min(ratios["pipeline"], estimate)
+    verdict = "meets" if worst >= 0.95 else "MISSES"
+    print(
+        f"target pipeline >= 95% of raw inference: {verdict} (measured {ratios['pipeline']:.1%}, "
+        f"estimated {estimate:.1%}; the lower counts)"
+    )
 
     print()
     memory = daemon_memory(args.model, args.video, args.rss_frames, args.threads)
