@@ -162,12 +162,12 @@ def daemon_memory(model: Path, video: Path, frames: int, threads: int) -> dict:
         lines = len(Path(tmp, "out.jsonl").read_text().splitlines())
     if code != 0 or lines != frames:
         raise SystemExit(f"daemon exited {code} after {lines} of {frames} frames")
-    # Growth: the last tenth of the run against the tenth after warm-up.
+    # Growth: the last tenth of the run against the fourth tenth (loading and warm-up are over).
     rss = [kb for _, kb in samples]
     tenth = max(1, len(rss) // 10)
     return {
         "peak_mb": max(rss) / 1024,
-        "early_mb": statistics.median(rss[tenth : 2 * tenth]) / 1024,
+        "early_mb": statistics.median(rss[3 * tenth : 4 * tenth]) / 1024,
         "late_mb": statistics.median(rss[-tenth:]) / 1024,
         "seconds": elapsed,
         "frames": frames,
