@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 # The aarch64 OpenCV wheel decodes the clip's frames up to 3 grey levels away from the host's
-# (YUV to BGR conversion; mean 0.7 levels), which moves scores by up to 5e-3 and boxes by 0.1 px
-# on this clip.  Detections this close to the threshold may come and go.
+# (YUV to BGR conversion; mean 0.7 levels), which moved scores by up to 0.011 and boxes by up to
+# 0.7 px on this clip with the FP32 model.  Detections near the threshold may come and go.
 BOX_ATOL_PX = 2.0
 SCORE_ATOL = 0.02
 CONFIDENT = 0.3
@@ -40,7 +40,7 @@ def installed_runtime(manifest, tmp_path) -> dict:
 
 
 def test_runtime_runs_from_its_wheel(installed_runtime, manifest):
-    code = "import device.cli, device.daemon, sys; print(device.cli.__file__)"
+    code = "import device.cli, device.daemon; print(device.cli.__file__)"
 
     done = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False,
