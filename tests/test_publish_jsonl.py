@@ -9,7 +9,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 
+from device.errors import ToolkitError
 from device.publish.jsonl import JsonlConfig, JsonlSink
 from device.stats import RuntimeStats
 from device.types import Detection, Frame, FrameResult
@@ -128,3 +130,9 @@ def test_the_device_runtime_imports_neither_torch_nor_host_code():
 
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == ""
+
+
+def test_an_unwritable_path_is_explained(tmp_path):
+    sink = JsonlSink(JsonlConfig(enabled=True, path=str(tmp_path)))  # a folder, not a file
+    with pytest.raises(ToolkitError, match=r"Cannot write JSON lines to .*: Is a directory"):
+        sink.start()

@@ -19,6 +19,7 @@ from typing import TextIO
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from device.errors import ToolkitError
 from device.publish.base import Sink
 from device.stats import RuntimeStats
 from device.types import FrameResult
@@ -71,8 +72,14 @@ class JsonlSink(Sink):
     def _open(self) -> TextIO:
         if self._path is None:
             return sys.stdout
-        self._path.parent.mkdir(parents=True, exist_ok=True)
-        return self._path.open("a" if self.config.append else "w", encoding="utf-8")
+        try:
+            self._path.parent.mkdir(parents=True, exist_ok=True)
+            return self._path.open("a" if self.config.append else "w", encoding="utf-8")
+        except OSError as exc:
+            raise ToolkitError(
+                f"Cannot write JSON lines to {self._path}: {exc.strerror or exc}. Expected a file "
+                "path in a writable folder (outputs.jsonl.path or --jsonl), or '-' for stdout."
+            ) from None
 
     def publish(self, result: FrameResult) -> None:
         if self.config.only_detections and not result.detections:
