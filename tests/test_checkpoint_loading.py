@@ -374,3 +374,78 @@ def test_weights_that_do_not_fit_the_architecture(tmp_path):
 
     with pytest.raises(ToolkitError, match="do not fit the architecture"):
         build_from_checkpoint(checkpoint)
+
+
+# --- damaged or crafted architecture dicts -------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda cfg: cfg["backbone"].__setitem__(0, [99, 1, "Conv", [64, 6, 2, 2]]),  # bad 'from'
+        lambda cfg: cfg["backbone"].__setitem__(0, [-1, 1, "Conv", ["x" * 3, 6, 2]]),  # str arg
+        lambda cfg: cfg.__setitem__("head", cfg["backbone"][:1]),  # no Detect layer
+    ],
+    ids=["from-out-of-range", "string-channels", "no-detect"],
+)
+def test_malformed_architecture_is_a_clear_error_not_a_traceback(tmp_path, damage):
+    from toolkit.checkpoint import build_from_checkpoint
+
+    checkpoint = read_checkpoint(save_ultralytics_checkpoint(_tiny_model(), tmp_path / "m.pt"))
+    damage(checkpoint.architecture)
+
+    with pytest.raises(ToolkitError, match="architecture dict is malformed"):
+        build_from_checkpoint(checkpoint)
+
+
+def test_huge_architecture_is_refused_before_allocating(tmp_path, monkeypatch):
+    from toolkit.checkpoint import build_from_checkpoint
+
+    checkpoint = read_checkpoint(save_ultralytics_checkpoint(_tiny_model(), tmp_path / "m.pt"))
+    checkpoint.architecture["width_multiple"] = 4000.0  # terabytes if it were allocated
+    monkeypatch.setattr(nn.Module, "to_empty", lambda *a, **k: pytest.fail("allocated"))
+
+    with pytest.raises(ToolkitError, match="do not fit the architecture"):
+        build_from_checkpoint(checkpoint)
+
+
+def _save_with_state_change(path: Path, monkeypatch, change) -> Path:
+    import toolkit.checkpoint as checkpoint_module
+
+    upstream_state = checkpoint_module._upstream_state
+
+    def changed(obj):
+        state = upstream_state(obj)
+        if type(obj).__name__ == "YoloV5":
+            change(state)
+        return state
+
+    monkeypatch.setattr(checkpoint_module, "_upstream_state", changed)
+    save_ultralytics_checkpoint(_tiny_model(), path, half=False)
+    monkeypatch.undo()
+    return path
+
+
+@pytest.mark.parametrize("nc", [0, "80"])
+def test_class_count_that_is_not_a_positive_integer_is_refused(tmp_path, monkeypatch, nc):
+    def set_nc(state):
+        state["yaml"] = {**state["yaml"], "nc": nc}
+        state.pop("nc", None)
+
+    path = _save_with_state_change(tmp_path / "nc.pt", monkeypatch, set_nc)
+    with pytest.raises(ToolkitError, match=r"class count nc=.*expected an integer >= 1"):
+        read_checkpoint(path)
+
+
+def test_absurdly_deep_module_nesting_is_refused(tmp_path, monkeypatch):
+    def nest(state):
+        deep = inner = nn.Sequential()
+        for _ in range(80):
+            child = nn.Sequential()
+            inner.add_module("a", child)
+            inner = child
+        state["_modules"] = {**state["_modules"], "deep": deep}
+
+    path = _save_with_state_change(tmp_path / "deep.pt", monkeypatch, nest)
+    with pytest.raises(ToolkitError, match="nests modules more than 64 deep"):
+        read_checkpoint(path)

@@ -48,6 +48,8 @@ _SETTINGS = {
 }
 # Buffers older YOLOv5 versions registered that the model derives itself.
 _DERIVED_BUFFERS = ("anchor_grid",)
+# YOLOv5 nests modules about 5 deep; far deeper is a crafted file (and Python's recursion limit).
+_MAX_DEPTH = 64
 
 
 @dataclass
@@ -101,8 +103,11 @@ def build_from_checkpoint(checkpoint: Checkpoint) -> YoloV5:
         _apply_layer_settings(model, checkpoint)
         if checkpoint.fused:
             model.fuse()
+    # Shapes are compared before any memory is allocated: a damaged or crafted architecture
+    # (say width_multiple 1000) must not allocate gigabytes first.
+    given = _check_fit(model, checkpoint)
     model.to_empty(device="cpu")
-    _copy_weights(model, checkpoint)
+    _copy_weights(model, given, checkpoint)
     _check_stride(model, checkpoint)
     log.info(
         "Loaded %s: %d classes, %d parameters, %s weights, strides %s",
@@ -253,6 +258,12 @@ def _describe(model: ModuleStub, root: Any, path: Path) -> Checkpoint:
     nc = state.get("nc")
     if isinstance(nc, int) and nc != architecture.get("nc"):
         architecture["nc"] = nc
+    nc = architecture.get("nc")
+    if isinstance(nc, bool) or not isinstance(nc, int) or nc < 1:
+        raise ToolkitError(
+            f"{path}: the architecture dict gives the class count nc={nc!r}; expected an "
+            "integer >= 1. The file is damaged or not written by YOLOv5's train.py."
+        )
 
     tensors: dict[str, torch.Tensor] = {}
     activations: dict[str, nn.Module] = {}
@@ -264,7 +275,7 @@ def _describe(model: ModuleStub, root: Any, path: Path) -> Checkpoint:
     dtypes = sorted(
         {str(t.dtype).removeprefix("torch.") for t in tensors.values() if t.is_floating_point()}
     )
-    names = _class_names(state.get("names"), int(architecture["nc"]), path)
+    names = _class_names(state.get("names"), nc, path)
     stride = state.get("stride")
     return Checkpoint(
         path=path,
@@ -290,6 +301,11 @@ def _collect(
     settings: dict[str, dict[str, Any]],
 ) -> bool:
     """Gather parameters and persistent buffers by name; return whether Convs were fused."""
+    if prefix.count(".") > _MAX_DEPTH:
+        raise ToolkitError(
+            f"The checkpoint nests modules more than {_MAX_DEPTH} deep (at {prefix[:80]}...); "
+            "a YOLOv5 model nests about 5. The file is damaged or crafted."
+        )
     state = stub.state
     non_persistent = state.get("_non_persistent_buffers_set") or set()
     for name, value in (state.get("_parameters") or {}).items():
@@ -378,8 +394,8 @@ def _check_conv(conv: nn.Conv2d, path: str, settings: dict[str, Any], source: Pa
             )
 
 
-@torch.no_grad()
-def _copy_weights(model: YoloV5, checkpoint: Checkpoint) -> None:
+def _check_fit(model: YoloV5, checkpoint: Checkpoint) -> dict[str, torch.Tensor]:
+    """The checkpoint tensors the model takes; raise if any is missing, extra or misshapen."""
     expected = model.state_dict()
     given = {
         k: v for k, v in checkpoint.tensors.items() if k.rpartition(".")[2] not in _DERIVED_BUFFERS
@@ -399,6 +415,11 @@ def _copy_weights(model: YoloV5, checkpoint: Checkpoint) -> None:
             f"{(missing + unexpected + mismatched)[:3]}). The file is inconsistent or from an "
             "unsupported YOLOv5 variant."
         )
+    return given
+
+
+@torch.no_grad()
+def _copy_weights(model: YoloV5, given: dict[str, torch.Tensor], checkpoint: Checkpoint) -> None:
     bad = [k for k, v in given.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
         raise ToolkitError(

@@ -138,7 +138,17 @@ def build_model(cfg: dict[str, Any], *, nc: int | None = None, names=None) -> Yo
     class names, which default to ``"0", "1", ...``.
     """
     _check_config(cfg)
-    return YoloV5(cfg, nc=nc, names=names)
+    try:
+        return YoloV5(cfg, nc=nc, names=names)
+    except ToolkitError:
+        raise
+    except (IndexError, KeyError, TypeError, ValueError, AttributeError, RuntimeError) as exc:
+        # The dict is data from a file: a wrong row shape or value is a bad file, not a bug.
+        raise ToolkitError(
+            f"The YOLOv5 architecture dict is malformed ({type(exc).__name__}: {exc}). Expected "
+            "rows of [from, repeats, block, args] as in YOLOv5's models/yolov5*.yaml; the "
+            "checkpoint or yaml is damaged or from an unsupported variant."
+        ) from exc
 
 
 def config_path(name: str) -> Path:
@@ -183,6 +193,11 @@ def _check_config(cfg: Any, where: str = "the architecture dict") -> None:
         raise ToolkitError(
             f"The YOLOv5 architecture in {where} lacks {missing}; expected keys nc, "
             "depth_multiple, width_multiple, anchors, backbone and head."
+        )
+    nc = cfg["nc"]
+    if isinstance(nc, bool) or not isinstance(nc, int) or nc < 1:
+        raise ToolkitError(
+            f"The YOLOv5 architecture in {where} has nc={nc!r}; expected a class count >= 1."
         )
 
 
