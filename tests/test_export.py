@@ -260,6 +260,8 @@ def _fake_class_checkpoint(path, monkeypatch, module, name):
         "bad size",
         "bad opset",
         "bad image",
+        "huge size",
+        "huge batch",
     ],
 )
 def test_bad_input_gives_one_message_and_no_file(case, tiny_pt, tmp_path, monkeypatch, capsys):
@@ -276,6 +278,8 @@ def test_bad_input_gives_one_message_and_no_file(case, tiny_pt, tmp_path, monkey
         "bad size": "not a multiple of the model's stride 32 (use 608 or 640)",
         "bad opset": "opset must be within 11..20",
         "bad image": "Cannot read the verification image",
+        "huge size": "above the largest supported 4096",
+        "huge batch": "batch size 100000 is above 64",
     }[case]
     if case == "corrupt zip":
         weights.write_bytes(tiny_pt.read_bytes()[:-200])
@@ -294,6 +298,10 @@ def test_bad_input_gives_one_message_and_no_file(case, tiny_pt, tmp_path, monkey
         args += ["--imgsz", "630"]
     elif case == "bad opset":
         args += ["--opset", "9"]
+    elif case in ("huge size", "huge batch"):
+        weights = tiny_pt  # the size alone would need 120 GB for the example input
+        args = ["export", "-w", weights, "-o", output]
+        args += ["--imgsz", "100000"] if case == "huge size" else ["--batch", "100000"]
     elif case == "bad image":
         weights = tiny_pt
         args = ["export", "-w", weights, "-o", output, "--verify-image", tmp_path / "none.jpg"]
@@ -306,6 +314,25 @@ def test_bad_input_gives_one_message_and_no_file(case, tiny_pt, tmp_path, monkey
     assert not output.exists()
     if output.parent.is_dir():
         assert not any(p.suffix == ".onnx" for p in output.parent.iterdir())
+
+
+def test_out_of_memory_is_a_message_and_keeps_the_old_file(tiny_pt, tmp_path, monkeypatch, capsys):
+    import toolkit.export as export_module
+
+    def exhausted(*args, **kwargs):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate")
+
+    output = tmp_path / "model.onnx"
+    output.write_bytes(b"the previous, working model")
+    monkeypatch.setattr(export_module, "export_onnx", exhausted)
+
+    result = run_toolkit(["export", "-w", tiny_pt, "-o", output], monkeypatch, capsys)
+
+    assert result.code != 0
+    assert "Ran out of memory exporting at batch 1 x 640x640" in result.err
+    assert "Traceback" not in result.err
+    assert output.read_bytes() == b"the previous, working model"
+    assert [p.name for p in tmp_path.iterdir()] == ["model.onnx"]
 
 
 def test_options_are_checked_before_any_work():

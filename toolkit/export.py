@@ -52,6 +52,9 @@ MIN_OPSET = 11
 # The TorchScript-based exporter (fast, deterministic) writes opsets up to 20.
 MAX_OPSET = 20
 DEFAULT_OPSET = 17
+# Beyond these the example input alone takes gigabytes; YOLOv5 is trained at 640 (P5) or 1280.
+MAX_SIDE = 4096
+MAX_BATCH = 64
 
 
 @dataclass(frozen=True)
@@ -114,8 +117,15 @@ def check_options(options: ExportOptions, stride: int = 32) -> None:
                 f"image {side} {value} is not a multiple of the model's stride {stride} "
                 f"(use {lower or upper} or {upper})"
             )
+    if max(height, width) > MAX_SIDE:
+        problems.append(f"image size {height}x{width} is above the largest supported {MAX_SIDE}")
     if options.batch_size < 1:
         problems.append(f"batch size must be at least 1, got {options.batch_size}")
+    if options.batch_size > MAX_BATCH:
+        problems.append(
+            f"batch size {options.batch_size} is above {MAX_BATCH}; use --dynamic-batch for "
+            "large batches"
+        )
     if not MIN_OPSET <= options.opset <= MAX_OPSET:
         problems.append(f"opset must be within {MIN_OPSET}..{MAX_OPSET}, got {options.opset}")
     if problems:
@@ -383,7 +393,7 @@ def run_export(
     timings["load"] = time.perf_counter() - started
 
     info = model_info(model, checkpoint, options)
-    with draft_path(target) as draft:
+    with draft_path(target) as draft, _out_of_memory_is_an_error(options):
         started = time.perf_counter()
         export_onnx(model, info, options, draft)
         timings["export"] = time.perf_counter() - started
@@ -399,6 +409,27 @@ def run_export(
         verification=report,
         num_anchors=model.detect.na,
         timings=timings,
+    )
+
+
+@contextlib.contextmanager
+def _out_of_memory_is_an_error(options: ExportOptions) -> Iterator[None]:
+    try:
+        yield
+    except MemoryError as exc:
+        raise _memory_error(options) from exc
+    except RuntimeError as exc:
+        if "allocate" not in str(exc):
+            raise
+        raise _memory_error(options) from exc
+
+
+def _memory_error(options: ExportOptions) -> ToolkitError:
+    height, width = options.imgsz
+    return ToolkitError(
+        f"Ran out of memory exporting at batch {options.batch_size} x {height}x{width}. Use a "
+        "smaller --imgsz or --batch-size (or --dynamic-batch), or free memory; no file was "
+        "written."
     )
 
 
