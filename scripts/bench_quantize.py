@@ -70,11 +70,19 @@ def main() -> int:
             quantize.static_quantize(fp32, naive_path, calibration, info, NAIVE, float_nodes=[])
             variants["naive (every node)"] = naive_path
 
-        started = time.perf_counter()
         preset = quantize.resolve_preset(args.preset)
+        recipe = quantize.preset_recipe(preset, calibrate_method=args.method)
+        plain_path = folder / f"plain-{preset.name}.onnx"
+        groups = quantize.layer_groups(model, tail)
+        quantize.static_quantize(
+            fp32, plain_path, calibration, info, recipe,
+            float_nodes=quantize.float_nodes_for(recipe, tail, groups),
+        )  # fmt: skip
+        variants[f"ours, no search ({preset.name})"] = plain_path
+
+        started = time.perf_counter()
         ours_path = folder / f"ours-{preset.name}.onnx"
         request = prove.QuantizeRequest(model=fp32, data=[], max_drop=args.max_drop)
-        recipe = quantize.preset_recipe(preset, calibrate_method=args.method)
         variant, steps = prove.make_static(
             request, model, info, tail, recipe, calibration, ours_path
         )
@@ -153,12 +161,12 @@ def measure(variants: dict[str, Path], held_out, info, runs: int) -> list[dict]:
 
 
 def print_table(rows: list[dict], float_layers, steps, timings) -> None:
-    header = f"{'variant':32} {'MB':>5} {'median':>8} {'p95':>8} {'vs FP32':>8} {'vs peer':>8}"
+    header = f"{'variant':34} {'MB':>5} {'median':>8} {'p95':>8} {'vs FP32':>8} {'vs peer':>8}"
     header += f" {'recall':>7} {'prec.':>7} {'dets':>5}"
     print(header)
     for r in rows:
         print(
-            f"{r['variant']:32} {r['size_mb']:5.2f} {r['median_ms']:7.1f}ms {r['p95_ms']:7.1f}ms "
+            f"{r['variant']:34} {r['size_mb']:5.2f} {r['median_ms']:7.1f}ms {r['p95_ms']:7.1f}ms "
             f"{r['speedup']:7.2f}x {r['vs_peer']:7.2f}x {r['recall']:7.3f} {r['precision']:7.3f} "
             f"{r['detections']:5d}"
         )
