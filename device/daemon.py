@@ -152,10 +152,10 @@ class Daemon:
             if stalled and not stalled_before:
                 stages = ", ".join(f"{name} for {seconds:.0f} s" for name, seconds in stalled)
                 log.error("Pipeline stuck: %s; no longer feeding the systemd watchdog", stages)
-                self.health.set_state("running", f"stuck: {stages}")
+                self.health.set_problem(f"stuck: {stages}")
             elif stalled_before and not stalled:
                 log.info("Pipeline moving again")
-                self.health.set_state("running")
+                self.health.set_problem("")
             stalled_before = bool(stalled)
             if not stalled and pipeline.alive():
                 self.notifier.watchdog()

@@ -23,11 +23,17 @@ class Health:
         self._last_frame: float | None = None
         self._frames = 0
         self._reason = ""
+        self._problem = ""  # set while something is wrong although frames may still arrive
 
     def set_state(self, state: str, reason: str = "") -> None:
         """``starting``, ``running``, ``stopping`` or ``stopped``, with a reason when useful."""
         with self._lock:
             self._state, self._since, self._reason = state, self._clock(), reason
+
+    def set_problem(self, problem: str) -> None:
+        """Mark the daemon unhealthy for ``problem`` (e.g. a stuck stage); "" clears it."""
+        with self._lock:
+            self._problem = problem
 
     def frame_done(self) -> None:
         now = self._clock()
@@ -43,17 +49,20 @@ class Health:
         """``{"healthy": bool, "state": ..., "reason": ..., "frames": n, "last_frame_age": s}``."""
         now = self._clock()
         with self._lock:
-            state, since, reason, last, frames = (
+            state, since, reason, last, frames, problem = (
                 self._state,
                 self._since,
                 self._reason,
                 self._last_frame,
                 self._frames,
+                self._problem,
             )
         # Before the first frame, the time since the loop started is the age that counts.
         age = now - (last if last is not None else since)
-        ok = state == "running" and age <= self.max_frame_age
-        if state == "running" and not ok and not reason:
+        ok = state == "running" and age <= self.max_frame_age and not problem
+        if state == "running" and problem:
+            reason = problem
+        elif state == "running" and not ok and not reason:
             reason = f"no frame for {age:.1f} s (limit {self.max_frame_age:g} s)"
         return {
             "healthy": ok,

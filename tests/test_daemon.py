@@ -378,3 +378,51 @@ def test_a_taken_default_port_only_turns_http_off(
 
     assert [s.name for s in daemon.sinks] == ["jsonl"]
     assert len(read_jsonl(out)) == 3
+
+
+def test_a_stuck_inference_stops_the_watchdog_pings_and_turns_health_red(
+    tmp_path, constant_model, image_folder, notify_socket, monkeypatch
+):
+    import threading
+
+    from device.infer import Detector
+
+    path, server = notify_socket
+    release = threading.Event()
+    real_infer = Detector.infer
+
+    def stuck_after_two(self, tensor, calls=[0]):  # noqa: B006 (a call counter)
+        calls[0] += 1
+        if calls[0] > 2:
+            release.wait(20)  # hangs like a wedged accelerator until the test lets go
+        return real_infer(self, tensor)
+
+    monkeypatch.setattr(Detector, "infer", stuck_after_two)
+    config_file = tmp_path / "daemon.yaml"
+    config_file.write_text(
+        f"model: {{path: {constant_model}, intra_op_threads: 1}}\n"
+        f"source: {{type: folder, path: {image_folder}, loop: true}}\n"
+        "pipeline: {stall_timeout_s: 0.5, health_max_frame_age_s: 60}\n"
+        "outputs: {http: {enabled: false}}\n"
+    )
+    notifier = Notifier({"NOTIFY_SOCKET": str(path), "WATCHDOG_USEC": "200000"})
+    daemon = Daemon(load_config(config_file), notifier=notifier)
+    runner = threading.Thread(target=daemon.run, daemon=True)
+    runner.start()
+    try:
+        deadline = time.monotonic() + 30
+        while "stuck" not in daemon.health.status()["reason"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        status = daemon.health.status()
+        drain(server)  # pings sent before the stall
+        time.sleep(0.5)
+        pings_while_stuck = drain(server).count("WATCHDOG=1")
+    finally:
+        daemon.stop("test over")
+        release.set()
+        runner.join(30)
+
+    assert status["healthy"] is False
+    assert status["reason"].startswith("stuck: inference for")
+    assert pings_while_stuck == 0
+    assert not runner.is_alive()

@@ -106,6 +106,12 @@ def test_health_is_ok_only_while_running_with_recent_frames():
         "last_frame_age": 4.0,
     }
 
+    health.set_problem("stuck: inference for 31 s")
+    assert health.status()["healthy"] is False
+    assert health.status()["reason"] == "stuck: inference for 31 s"
+    health.set_problem("")
+    assert health.ok
+
     health.set_state("stopping", "received SIGTERM")
     assert health.status()["healthy"] is False
     assert health.status()["reason"] == "received SIGTERM"
