@@ -391,9 +391,11 @@ def test_a_stuck_inference_stops_the_watchdog_pings_and_turns_health_red(
     release = threading.Event()
     real_infer = Detector.infer
 
-    def stuck_after_two(self, tensor, calls=[0]):  # noqa: B006 (a call counter)
-        calls[0] += 1
-        if calls[0] > 2:
+    calls = []
+
+    def stuck_after_two(self, tensor):
+        calls.append(1)
+        if len(calls) > 2:
             release.wait(20)  # hangs like a wedged accelerator until the test lets go
         return real_infer(self, tensor)
 
