@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -170,3 +171,66 @@ def test_cli_exports_an_official_name_via_env_settings(pinned_tiny, tmp_path, mo
     assert result.code == 0, result.err
     assert requests == ["/v7.0/yolov5n.pt"]
     assert output.is_file() and (cache / "yolov5n.pt").is_file()
+
+
+class _Trickle(BaseHTTPRequestHandler):
+    """Announces a file, then sends a byte every 20 ms (bounded: 3 s at most)."""
+
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Length", "100000")
+        self.end_headers()
+        try:
+            for _ in range(150):
+                self.wfile.write(b"x")
+                self.wfile.flush()
+                time.sleep(0.02)
+        except OSError:
+            pass  # the client gave up, as it should
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def test_trickling_server_is_given_up_not_waited_for(pinned_tiny, tmp_path, monkeypatch):
+    monkeypatch.setattr(download, "TIMEOUT_SECONDS", 0.5)
+    cache = tmp_path / "cache"
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Trickle)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
+    thread.daemon = True
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_port}/v7.0"
+        with pytest.raises(ToolkitError, match=r"is too slow \(\d+ bytes/s") as error:
+            download.resolve_weights("yolov5n.pt", url=url, cache=cache)
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+    assert f"put the file at {cache / 'yolov5n.pt'}" in str(error.value)
+    assert _leftovers(cache) == []
+
+
+def test_redirect_loop_is_one_line(pinned_tiny, tmp_path):
+    class Loop(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(302)
+            self.send_header("Location", self.path)
+            self.end_headers()
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Loop)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
+    thread.daemon = True
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_port}/v7.0"
+        with pytest.raises(ToolkitError, match="HTTP 302") as error:
+            download.resolve_weights("yolov5n.pt", url=url, cache=tmp_path / "cache")
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+    assert "\n" not in str(error.value) and "infinite loop" in str(error.value)

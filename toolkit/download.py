@@ -16,6 +16,7 @@ import logging
 import os
 import sys
 import tempfile
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -29,6 +30,9 @@ OFFICIAL_BASE_URL = "https://github.com/ultralytics/yolov5/releases/download/v7.
 BASE_URL_ENV = "EDGE_YOLO_WEIGHTS_URL"
 CACHE_ENV = "EDGE_YOLO_CACHE"
 TIMEOUT_SECONDS = 30.0
+# A server that trickles bytes never hits the socket timeout; below this rate, averaged over
+# TIMEOUT_SECONDS, the download is given up (a 4 MB file would take over an hour).
+MIN_BYTES_PER_SECOND = 1024
 _CHUNK = 1 << 16
 
 # sha256 of the v7.0 release assets. yolov5n.pt was checked against the file itself; the
@@ -126,11 +130,13 @@ def _fetch(url: str, sink, destination: Path) -> tuple[str, int]:
         with urllib.request.urlopen(url, timeout=TIMEOUT_SECONDS) as response:
             expected_size = int(response.headers.get("Content-Length") or 0)
             with _progress(destination.name, expected_size) as advance:
-                for chunk in iter(lambda: response.read(_CHUNK), b""):
+                window = _RateWindow(url, destination)
+                for chunk in iter(lambda: response.read1(_CHUNK), b""):
                     sink.write(chunk)
                     digest.update(chunk)
                     received += len(chunk)
                     advance(len(chunk))
+                    window.check(len(chunk))
     except http.client.IncompleteRead as exc:
         raise ToolkitError(
             f"Download of {url} stopped at {received + len(exc.partial)} of {expected_size} "
@@ -149,6 +155,28 @@ def _fetch(url: str, sink, destination: Path) -> tuple[str, int]:
     return digest.hexdigest(), received
 
 
+class _RateWindow:
+    """Gives up when fewer than MIN_BYTES_PER_SECOND arrived over the last TIMEOUT_SECONDS."""
+
+    def __init__(self, url: str, destination: Path) -> None:
+        self.url, self.destination = url, destination
+        self.started, self.received = time.monotonic(), 0
+
+    def check(self, size: int) -> None:
+        self.received += size
+        elapsed = time.monotonic() - self.started
+        if elapsed < TIMEOUT_SECONDS:
+            return
+        rate = self.received / elapsed
+        if rate < MIN_BYTES_PER_SECOND:
+            raise ToolkitError(
+                f"Download of {self.url} is too slow ({rate:.0f} bytes/s over {elapsed:.0f} s, "
+                f"less than {MIN_BYTES_PER_SECOND}); it was given up. Try again later or another "
+                f"mirror, or put the file at {self.destination}."
+            )
+        self.started, self.received = time.monotonic(), 0
+
+
 def _check_digest(url: str, digest: str, expected: str | None, size: int) -> None:
     if expected and digest != expected:
         raise ToolkitError(
@@ -159,10 +187,13 @@ def _check_digest(url: str, digest: str, expected: str | None, size: int) -> Non
 
 def _reason(exc: BaseException) -> str:
     if isinstance(exc, urllib.error.HTTPError):
-        return f"HTTP {exc.code} {exc.reason}"
-    if isinstance(exc, urllib.error.URLError):
-        return str(exc.reason)
-    return str(exc)
+        text = f"HTTP {exc.code} {exc.reason}"
+    elif isinstance(exc, urllib.error.URLError):
+        text = str(exc.reason)
+    else:
+        text = str(exc)
+    # urllib's redirect-loop reason spans lines; the message stays one line.
+    return " ".join(text.split())
 
 
 def sha256_file(path: Path) -> str:
