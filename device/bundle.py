@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -30,6 +31,8 @@ MANIFEST_NAME = "manifest.json"
 BUNDLE_FORMAT = "edge-yolo-bundle"
 BUNDLE_FORMAT_VERSION = 1
 _CHUNK = 1 << 20
+# Release ids become <root>/releases/<id> on the device: no '/', no '..', no spaces.
+RELEASE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
 
 @dataclass(frozen=True)
@@ -82,7 +85,19 @@ def read_manifest(root: Path) -> dict:
         )
     if not isinstance(manifest.get("files"), dict) or not manifest["files"]:
         raise ToolkitError(f"{path} lists no files: rebuild the bundle.")
+    check_release_id(manifest.get("release"), f"{path}: the release id")
     return manifest
+
+
+def check_release_id(release: object, what: str = "The release id") -> str:
+    """A release id names a directory on the device: one safe path component, nothing else."""
+    if not isinstance(release, str) or not RELEASE_ID.fullmatch(release):
+        raise ToolkitError(
+            f"{what} {release!r} is not usable as a directory name on the device: expected "
+            "1-100 letters, digits, '.', '_' or '-', starting with a letter or digit (e.g. "
+            "2026-05-01-cam). Rebuild the bundle with another --release."
+        )
+    return release
 
 
 def verify_bundle(root: Path) -> VerifiedBundle:

@@ -323,3 +323,51 @@ def test_cli_bundle_without_a_model_says_what_is_expected(tmp_path):
 
     assert outcome.exit_code != 0
     assert "Expected at least one model (--fp32 and/or --int8)" in str(outcome.exception)
+
+
+def test_fp16_model_is_refused_with_advice_that_exists(tmp_path):
+    fp16 = write_tiny_model(tmp_path / "tiny-fp16.onnx", precision="fp16")
+
+    with pytest.raises(ToolkitError, match="FP16 model") as error:
+        build_bundle([BundleModel("fp32", fp16)], tmp_path / "b", include_runtime=False)
+    assert "--fp16" not in str(error.value)  # no such option
+    assert "without --half" in str(error.value)
+
+
+@pytest.mark.parametrize("release", ["../../etc", "a/b", "two words", ".hidden", "x" * 101, ""])
+def test_release_id_that_is_no_safe_directory_name_is_refused(tmp_path, models, release):
+    with pytest.raises(ToolkitError, match="not usable as a directory name"):
+        build_bundle(
+            [BundleModel("fp32", models["fp32"])],
+            tmp_path / "b",
+            release=release,
+            include_runtime=False,
+        )
+    assert not (tmp_path / "b").exists()
+
+
+def test_manifest_with_a_path_as_release_is_refused_on_the_device(small_bundle):
+    # The release id becomes <root>/releases/<id>, which a failed deploy removes again.
+    manifest_path = small_bundle / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["release"] = "../../etc"
+    manifest_path.write_text(json.dumps(manifest))
+
+    outcome = CliRunner().invoke(device_app, ["verify-bundle", str(small_bundle)])
+
+    assert outcome.exit_code == 1
+    assert "'../../etc' is not usable as a directory name" in str(outcome.exception)
+
+
+def test_config_error_names_the_users_file_not_the_staging_copy(tmp_path, models, daemon_config):
+    daemon_config.write_text(daemon_config.read_text() + "foo: 1\n")
+
+    with pytest.raises(ToolkitError) as error:
+        build_bundle(
+            [BundleModel("fp32", models["fp32"])],
+            tmp_path / "b",
+            config=daemon_config,
+            include_runtime=False,
+        )
+    assert f"{daemon_config} (as bundled)" in str(error.value)
+    assert ".bundle-" not in str(error.value)

@@ -34,6 +34,7 @@ from device.bundle import (
     BUNDLE_FORMAT,
     BUNDLE_FORMAT_VERSION,
     MANIFEST_NAME,
+    check_release_id,
     file_sha256,
     verify_bundle,
 )
@@ -91,6 +92,8 @@ def build_bundle(
 ) -> Path:
     """Write a bundle to ``out`` (a directory, or an archive when it ends in .tar.gz)."""
     validate_bundle_arguments(models, out, default_precision, force)
+    if release is not None:
+        check_release_id(release, "--release")
     entries = [describe_model(model, check_load=check_models) for model in models]
     default = _default_model(entries, default_precision)
     config_text = bundle_config_text(config)
@@ -161,6 +164,12 @@ def describe_model(model: BundleModel, *, check_load: bool = True) -> dict:
     metadata = {prop.key: prop.value for prop in proto.metadata_props}
     info = model_info_from_metadata(metadata, model_path=str(model.path))
     opset = _default_domain_opset(proto)
+    if info.precision == "fp16":
+        raise ToolkitError(
+            f"{model.path} is an FP16 model ('toolkit export --half'); bundles carry FP32 and "
+            "INT8 models, as Pi-class CPUs run FP16 no faster than FP32. Export it again "
+            "without --half and bundle that with --fp32."
+        )
     if info.precision != model.precision and info.source.kind != "ultralytics-onnx":
         raise ToolkitError(
             f"{model.path} was given as {model.precision.upper()} but its metadata says "
@@ -222,8 +231,11 @@ def check_daemon_config(path: Path, original: Path | None) -> None:
         check_model_reference(load_config(path, {"model.path": str(model)}))
     except ToolkitError as exc:
         source = original or "the default config"
+        # The daemon read the staged copy; name the user's file (line numbers are the copy's,
+        # which has model.path rewritten).
+        detail = str(exc).replace(str(path), f"{source} (as bundled)")
         raise ToolkitError(
-            f"The daemon config ({source}) is not valid for the daemon: {exc}"
+            f"The daemon config ({source}) is not valid for the daemon: {detail}"
         ) from exc
 
 
