@@ -108,3 +108,42 @@ def test_start_script_quotes_its_arguments():
 def test_venv_constraints_pin_the_models_onnxruntime_and_numpy_1_for_picamera2():
     assert runtime_constraints(bundle_with("fp32"), False) == "onnxruntime>=1.15\n"
     assert runtime_constraints(bundle_with("fp32"), True) == "onnxruntime>=1.15\nnumpy<2\n"
+
+
+@pytest.mark.parametrize(
+    "host, user",
+    [
+        ("-oProxyCommand=touch {marker}", None),
+        ("127.0.0.1", "-oProxyCommand=touch {marker}"),
+        ("cam1; touch {marker}", None),
+        ("cam1\nHost *", None),
+    ],
+)
+def test_host_or_user_that_ssh_would_read_as_an_option_is_refused(tmp_path, host, user):
+    from toolkit.remote import Remote, RemoteError, SshTarget
+
+    marker = tmp_path / "ran"
+    target = SshTarget(
+        host=host.format(marker=marker), user=user and user.format(marker=marker), port=22
+    )
+
+    with pytest.raises(RemoteError, match=r"Expected an SSH (host|user) name or address"):
+        Remote(target).connect()
+    assert not marker.exists()
+
+
+def test_missing_identity_file_is_explained_as_a_key_not_as_known_hosts(tmp_path):
+    from toolkit.remote import RemoteError, SshTarget, validate_target
+
+    target = SshTarget(host="cam1", identity_file=tmp_path / "nokey")
+    with pytest.raises(RemoteError) as error:
+        validate_target(target)
+    assert "identity file" in str(error.value) and "authorized_keys" in str(error.value)
+    assert "known_hosts" not in str(error.value)
+
+
+@pytest.mark.parametrize("host", ["cam-1.local", "192.168.1.20", "fe80::1%eth0", "cam_1"])
+def test_ordinary_host_names_pass_validation(host):
+    from toolkit.remote import SshTarget, validate_target
+
+    validate_target(SshTarget(host=host, user="pi"))

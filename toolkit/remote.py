@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import logging
+import re
 import shlex
 import shutil
 import subprocess
@@ -27,6 +28,7 @@ from device.errors import ToolkitError
 log = logging.getLogger(__name__)
 
 SSH_FAILURE = 255  # OpenSSH's own exit status; any other status is the remote command's
+_UNSAFE_CHARS = re.compile(r"[\s'\"`$;|&<>\\\x00-\x1f\x7f]")
 
 
 class RemoteError(ToolkitError):
@@ -237,17 +239,28 @@ def validate_target(target: SshTarget) -> None:
     """Local mistakes, caught before any connection attempt."""
     if not target.host:
         raise RemoteError("Expected a host name or address for the device, got an empty one.")
+    # ssh would read a leading '-' as one of its own options (-oProxyCommand=... runs a
+    # command here), so a host or user from an inventory file must look like a name.
+    for what, value in (("host", target.host), ("user", target.user)):
+        if value is not None and (value.startswith("-") or _UNSAFE_CHARS.search(value)):
+            raise RemoteError(
+                f"Expected an SSH {what} name or address, got {value!r}: it starts with '-' or "
+                "holds spaces, quotes or control characters. Check the --host/--inventory entry.",
+                outcome="failed",
+            )
     if not 0 < target.port < 65536:
         raise RemoteError(f"Expected an SSH port between 1 and 65535, got {target.port}.")
-    for what, path in (
-        ("identity file", target.identity_file),
-        ("known_hosts", target.known_hosts),
-    ):
-        if path is not None and not Path(path).expanduser().is_file():
-            raise RemoteError(
-                f"The {what} {path} does not exist: check the path (known_hosts must list the "
-                f"device's host key; ssh-keyscan -p {target.port} {target.host} shows it)."
-            )
+    if target.identity_file is not None and not Path(target.identity_file).expanduser().is_file():
+        raise RemoteError(
+            f"The identity file {target.identity_file} does not exist: check the path (it is "
+            "the private key whose .pub is in the device's ~/.ssh/authorized_keys)."
+        )
+    if target.known_hosts is not None and not Path(target.known_hosts).expanduser().is_file():
+        raise RemoteError(
+            f"The known_hosts {target.known_hosts} does not exist: check the path (known_hosts "
+            f"must list the device's host key; ssh-keyscan -p {target.port} {target.host} "
+            "shows it)."
+        )
 
 
 def ssh_failure(target: SshTarget, stderr: str) -> RemoteError:
