@@ -48,8 +48,13 @@ def export_command(
         typer.Option("--output", "-o", help="ONNX file to write. Default: <weights name>.onnx."),
     ] = None,
     imgsz: Annotated[
-        str, typer.Option("--imgsz", "--img-size", help="Input size: 640, or height,width.")
-    ] = "640",
+        str | None,
+        typer.Option(
+            "--imgsz",
+            "--img-size",
+            help="Input size: 640, or height,width. Default: 640; the demo model's own 256.",
+        ),
+    ] = None,
     batch_size: Annotated[
         int, typer.Option("--batch-size", "--batch", help="Batch size of the input.")
     ] = 1,
@@ -91,7 +96,19 @@ def export_command(
     ] = None,
     calib_data: Annotated[
         list[Path] | None,
-        typer.Option("--calib-data", help="Calibration images, video or YOLO dataset."),
+        typer.Option(
+            "--calib-data",
+            help="Calibration images, video or YOLO dataset. Default with the demo model: "
+            "the demo clip.",
+        ),
+    ] = None,
+    eval_data: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--eval-data",
+            help="Held-out images for the INT8 proof; a labelled YOLO dataset adds true mAP. "
+            "Default with the demo model: its validation set.",
+        ),
     ] = None,
     preset: Annotated[
         str, typer.Option("--preset", help="INT8 target: auto, x86, x86-vnni, arm64.")
@@ -125,7 +142,7 @@ def export_command(
     from toolkit.download import default_weights
 
     options = export.ExportOptions(
-        imgsz=export.parse_imgsz(imgsz),
+        imgsz=export.parse_imgsz(imgsz or default_imgsz(weights)),
         batch_size=batch_size,
         opset=opset,
         dynamic_batch=dynamic or dynamic_batch,
@@ -134,8 +151,13 @@ def export_command(
         half=half,
     )
     export.check_options(options)
+    if quantize and weights is None:
+        calib_data, eval_data = demo_quantize_data(calib_data, eval_data)
     if quantize and not calib_data:
-        raise ToolkitError("--quantize needs --calib-data: real images, a video or a dataset.")
+        raise ToolkitError(
+            "--quantize needs --calib-data: a folder of images, a video or a YOLO dataset "
+            "from the scene the model will watch."
+        )
     result = export.run_export(
         weights or default_weights(),
         output,
@@ -148,8 +170,36 @@ def export_command(
         from toolkit.cli_quantize import quantize_after_export
 
         quantize_after_export(
-            result.path, quantize, calib_data, preset=preset, max_drop=max_drop, strict=strict
+            result.path,
+            quantize,
+            calib_data,
+            eval_data=eval_data or [],
+            preset=preset,
+            max_drop=max_drop,
+            strict=strict,
         )
+
+
+def default_imgsz(weights: str | None) -> int:
+    """640 as upstream exports, but the size the demo model was trained at for the demo."""
+    from toolkit.demo import DEMO_IMAGE_SIZE
+
+    return DEMO_IMAGE_SIZE if weights is None else 640
+
+
+def demo_quantize_data(
+    calib_data: list[Path] | None, eval_data: list[Path] | None
+) -> tuple[list[Path], list[Path]]:
+    """Calibration and held-out data for the demo model, where the user gave none."""
+    from toolkit.demo import demo_val_dataset, demo_video
+
+    if not calib_data:
+        calib_data = [demo_video()]
+        typer.echo(f"Calibrating on the demo clip {calib_data[0]} (pass --calib-data for yours).")
+    if not eval_data:
+        eval_data = [demo_val_dataset()]
+        typer.echo(f"Proving INT8 on the demo validation set {eval_data[0]}.")
+    return calib_data, eval_data
 
 
 # bundle, deploy and status live in their own module and register themselves on ``app``.

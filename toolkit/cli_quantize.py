@@ -157,6 +157,7 @@ def quantize_after_export(
     modes: list[str],
     data: list[Path],
     *,
+    eval_data: list[Path] = (),
     preset: str = "auto",
     max_drop: float = 0.03,
     strict: bool = False,
@@ -165,6 +166,7 @@ def quantize_after_export(
     request = QuantizeRequest(
         model=model,
         data=list(data),
+        eval_data=list(eval_data),
         modes=tuple(dict.fromkeys(modes)),
         preset=preset,
         max_drop=max_drop,
