@@ -147,3 +147,41 @@ def test_ordinary_host_names_pass_validation(host):
     from toolkit.remote import SshTarget, validate_target
 
     validate_target(SshTarget(host=host, user="pi"))
+
+
+@pytest.mark.parametrize(
+    "key, value",
+    [
+        ("unit_name", "edge-yolo; touch /tmp/x"),
+        ("root", "/opt/edge yolo"),
+        ("root", "/opt/$(reboot)"),
+        ("device_python", "python3 -c 'import os'"),
+        ("runtime_python", "/usr/bin/python3;id"),
+        ("service_user", "pi && id"),
+        ("writable_paths", ["/var/lib/x y"]),
+    ],
+)
+def test_values_that_reach_the_device_shell_must_be_plain_words(tmp_path, key, value):
+    path = write(tmp_path, {"devices": [{"host": "a", key: value}]})
+
+    with pytest.raises(ConfigError, match=rf"devices\.0\.{key}.*expected"):
+        load_inventory(path)
+
+
+def test_ordinary_paths_and_names_pass(tmp_path):
+    path = write(
+        tmp_path,
+        {
+            "devices": [
+                {
+                    "host": "a",
+                    "root": "/opt/edge-yolo_2",
+                    "unit_name": "edge-yolo.cam1",
+                    "device_python": "/usr/bin/python3.11",
+                    "service_user": "pi",
+                    "writable_paths": ["/var/lib/edge-yolo/snapshots"],
+                }
+            ]
+        },
+    )
+    assert load_inventory(path)[0].unit_name == "edge-yolo.cam1"

@@ -18,14 +18,25 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from device.errors import ConfigError
 from toolkit.remote import SshTarget
+
+_UNIT_NAME = re.compile(r"[A-Za-z0-9:_.-]+")
+_SHELL_WORD = re.compile(r"[A-Za-z0-9/._+@:-]+")
 
 
 class DeviceSettings(BaseModel):
@@ -83,6 +94,34 @@ class DeviceSettings(BaseModel):
         if not self.root.startswith("/"):
             raise ValueError(f"root must be an absolute path on the device, got {self.root!r}")
         return self
+
+    # These go into commands run by the device's shell and into the unit file: checked here,
+    # before any connection, so a typo or a hostile inventory cannot run anything.
+    @field_validator("unit_name")
+    @classmethod
+    def _unit_name(cls, value: str) -> str:
+        if not _UNIT_NAME.fullmatch(value):
+            raise ValueError(
+                f"expected a systemd unit name of letters, digits and ':_.-', got {value!r}"
+            )
+        return value
+
+    @field_validator("root", "device_python", "runtime_python", "service_user")
+    @classmethod
+    def _shell_word(cls, value: str | None) -> str | None:
+        if value is not None and not _SHELL_WORD.fullmatch(value):
+            raise ValueError(
+                f"expected a plain name or path (letters, digits and /._+@:-), got {value!r}"
+            )
+        return value
+
+    @field_validator("writable_paths")
+    @classmethod
+    def _writable_paths(cls, value: list[str]) -> list[str]:
+        for path in value:
+            if not path.startswith("/") or not _SHELL_WORD.fullmatch(path):
+                raise ValueError(f"expected absolute paths without spaces or quotes, got {path!r}")
+        return value
 
     @property
     def ssh(self) -> SshTarget:
