@@ -300,6 +300,13 @@ def check_camera(env: CheckEnvironment) -> CheckResult:
 
 
 def check_disk(env: CheckEnvironment) -> CheckResult:
+    if env.disk_path.exists() and not env.disk_path.is_dir():
+        return CheckResult(
+            "disk",
+            FAIL,
+            f"{env.disk_path} is a file, not a directory",
+            "Move the file away or deploy to another --root; the deploy root holds releases.",
+        )
     path = _existing_parent(env.disk_path)
     free_mb = shutil.disk_usage(path).free / 1e6
     data = {"path": str(path), "free_mb": round(free_mb, 1), "needed_mb": env.min_free_mb}

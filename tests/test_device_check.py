@@ -236,3 +236,13 @@ def test_check_runs_as_plain_source_without_the_package(tmp_path):
     report = json.loads(done.stdout)
     assert [c["name"] for c in report["checks"]][-1] == "disk"
     assert done.returncode in (0, 1)
+
+
+def test_deploy_root_that_is_a_file_fails(tmp_path):
+    blocker = tmp_path / "opt"
+    blocker.write_text("not a directory")
+
+    result = check.check_disk(board(tmp_path, disk_path=blocker))
+
+    assert result.status == check.FAIL
+    assert "is a file, not a directory" in result.found
