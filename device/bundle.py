@@ -63,6 +63,11 @@ def file_sha256(path: Path) -> str:
 def read_manifest(root: Path) -> dict:
     """The parsed manifest of the bundle at ``root``, checked for format and shape."""
     path = Path(root) / MANIFEST_NAME
+    if Path(root).is_file():
+        raise ToolkitError(
+            f"Expected a bundle directory, found the file {root}. An archive bundle is checked "
+            f"unpacked: mkdir b && tar -xzf {root} -C b, then check b."
+        )
     if not path.is_file():
         raise ToolkitError(
             f"Expected a bundle directory with {MANIFEST_NAME}, found none in {root}. "

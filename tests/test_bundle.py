@@ -371,3 +371,14 @@ def test_config_error_names_the_users_file_not_the_staging_copy(tmp_path, models
         )
     assert f"{daemon_config} (as bundled)" in str(error.value)
     assert ".bundle-" not in str(error.value)
+
+
+def test_verify_bundle_on_an_archive_says_to_unpack_it(tmp_path, models):
+    archive = build_bundle(
+        [BundleModel("fp32", models["fp32"])], tmp_path / "b.tar.gz", include_runtime=False
+    )
+
+    outcome = CliRunner().invoke(device_app, ["verify-bundle", str(archive)])
+
+    assert outcome.exit_code == 1
+    assert "tar -xzf" in str(outcome.exception)
