@@ -418,3 +418,40 @@ def test_four_level_p6_model_exports_with_stride_64(tmp_path, monkeypatch, capsy
     assert info.stride == 64 and info.strides == [8, 16, 32, 64]
     output = _session(path).run(None, {"images": np.zeros((1, 3, 256, 256), np.float32)})[0]
     assert output.shape == (1, 3 * (32 * 32 + 16 * 16 + 8 * 8 + 4 * 4), 7)
+
+
+_SLOW_VERIFY_EXPORT = """
+import sys, time
+import toolkit.verify
+from toolkit import cli
+
+def stalled(*args, **kwargs):
+    print("draft written", flush=True)
+    time.sleep(60)
+
+toolkit.verify.verify_onnx = stalled
+sys.argv = ["toolkit", "export", "-w", sys.argv[1], "-o", sys.argv[2], "--imgsz", "320"]
+cli.main()
+"""
+
+
+def test_sigterm_mid_export_leaves_no_draft(tiny_pt, tmp_path):
+    import signal
+    import subprocess
+
+    output = tmp_path / "model.onnx"
+    process = subprocess.Popen(
+        [sys.executable, "-c", _SLOW_VERIFY_EXPORT, str(tiny_pt), str(output)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        assert process.stdout.readline().strip() == "draft written"
+        assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".model.")]
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 128 + signal.SIGTERM
+    finally:
+        process.kill()
+        process.wait()
+    assert list(tmp_path.iterdir()) == []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -206,8 +207,15 @@ def demo_quantize_data(
 from toolkit import cli_deploy, cli_quantize  # noqa: E402, F401
 
 
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 def main() -> None:
     """Entry point: run the app, turning ToolkitError into a message and an exit code."""
+    # SIGTERM (kill, CI timeouts, systemd stop) unwinds like Ctrl-C, so every temporary file
+    # (export drafts, partial downloads, bundle staging) is removed by its finally block.
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         app()
     except ToolkitError as exc:
