@@ -455,3 +455,14 @@ def test_sigterm_mid_export_leaves_no_draft(tiny_pt, tmp_path):
         process.kill()
         process.wait()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_unknown_quantize_mode_is_refused_before_the_export(tiny_pt, tmp_path, monkeypatch, capsys):
+    output = tmp_path / "model.onnx"
+    args = ["export", "-w", tiny_pt, "-o", output, "--quantize", "int4", "--calib-data", tmp_path]
+
+    result = run_toolkit(args, monkeypatch, capsys)
+
+    assert result.code != 0
+    assert "--quantize takes static and/or dynamic, got ['int4']" in result.err
+    assert not output.exists()

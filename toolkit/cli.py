@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from device.errors import ToolkitError
+from device.errors import ConfigError, ToolkitError
 
 app = typer.Typer(
     name="toolkit",
@@ -152,6 +152,13 @@ def export_command(
         half=half,
     )
     export.check_options(options)
+    unknown_modes = [mode for mode in quantize or [] if mode not in ("static", "dynamic")]
+    if unknown_modes:
+        # Checked before the FP32 export, not minutes later by the quantizer.
+        raise ConfigError(
+            f"--quantize takes static and/or dynamic, got {unknown_modes}. Example: "
+            "--quantize static --calib-data frames/."
+        )
     if quantize and weights is None:
         calib_data, eval_data = demo_quantize_data(calib_data, eval_data)
     if quantize and not calib_data:
