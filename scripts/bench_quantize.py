@@ -51,9 +51,10 @@ def main() -> int:
         fp32 = export(args, folder)
         model, info = quantize.load_fp32_model(fp32)
         tail = quantize.find_detect_tail(model, info)
-        calibration, held_out = draw(args)
+        calibration, validation, held_out = draw(args)
         print(
-            f"calibration: {len(calibration)} video frames; held-out: {len(held_out)} images "
+            f"calibration: {len(calibration)} video frames; search validation: "
+            f"{len(validation)} other video frames; held-out: {len(held_out)} images "
             f"(photos, coco8, {args.held_video} unused video frames)"
         )
 
@@ -84,7 +85,7 @@ def main() -> int:
         ours_path = folder / f"ours-{preset.name}.onnx"
         request = prove.QuantizeRequest(model=fp32, data=[], max_drop=args.max_drop)
         variant, steps = prove.make_static(
-            request, model, info, tail, recipe, calibration, ours_path
+            request, model, info, tail, recipe, calibration, validation, ours_path
         )
         variants[f"ours ({preset.name})"] = ours_path
         timings["ours"] = time.perf_counter() - started
@@ -103,6 +104,9 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=100, help="calibration video frames")
     parser.add_argument("--held-video", type=int, default=200, help="held-out video frames")
+    parser.add_argument(
+        "--validation", type=int, default=48, help="video frames the budget search measures on"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--preset", default="auto")
     parser.add_argument("--method", default="minmax")
@@ -124,13 +128,13 @@ def export(args: argparse.Namespace, folder: Path) -> Path:
 
 def draw(args: argparse.Namespace):
     videos = [calibrate.open_source(REALDATA / v) for v in VIDEOS]
-    calibration, held_video = calibrate.sample_split(
-        videos, args.samples, args.held_video, seed=args.seed
+    calibration, held_video, validation = calibrate.sample_splits(
+        videos, [args.samples, args.held_video, args.validation], seed=args.seed
     )
     photos = calibrate.open_source(REALDATA / "images")
     coco8 = calibrate.open_source(REALDATA / "coco8" / "images")
     held = calibrate.load_samples(photos, photos.items) + calibrate.load_samples(coco8, coco8.items)
-    return calibration, held + held_video
+    return calibration, validation, held + held_video
 
 
 def measure(variants: dict[str, Path], held_out, info, runs: int) -> list[dict]:

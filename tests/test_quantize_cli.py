@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import subprocess
 import sys
@@ -17,9 +18,11 @@ from device.contract import METADATA_KEY, model_info_from_metadata
 from device.errors import ToolkitError
 from tests.conftest import REPO_ROOT
 from tests.quant_graphs import tiny_yolo
-from toolkit import quantize
+from toolkit import prove, quantize
 from toolkit.cli import app
 from toolkit.cli_quantize import check_strict
+from toolkit.evaluate import ImageBoxes
+from toolkit.prove import QuantizeRequest, draw_samples, fidelity, quantize_and_prove
 from toolkit.report import ProofReport, VariantRow, render_markdown, render_table
 
 
@@ -228,3 +231,54 @@ def test_export_quantize_without_calibration_data_is_refused(tiny_pt, tmp_path):
     assert isinstance(outcome.exception, ToolkitError)
     assert "--quantize needs --calib-data" in str(outcome.exception)
     assert not (tmp_path / "t.onnx").exists()
+
+
+def test_search_validates_on_frames_it_neither_calibrated_nor_proves_on(tiny_onnx, tmp_path):
+    images = scene_images(tmp_path / "frames", 40, seed=3)
+    request = QuantizeRequest(model=tiny_onnx, data=[images], samples=20, eval_samples=8)
+
+    samples = draw_samples(request, model_info_from_metadata(metadata(tiny_onnx)), [])
+
+    calibration = {s.name for s in samples.calibration}
+    validation = {s.name for s in samples.validation}
+    held_out = {s.name for s in samples.held_out}
+    assert (len(calibration), len(validation), len(held_out)) == (20, 6, 8)
+    assert not calibration & validation and not calibration & held_out
+    assert not validation & held_out
+
+
+def test_search_and_report_judge_labelled_images_by_the_same_rule():
+    truth = [ImageBoxes.from_arrays([[0, 0, 10, 10], [20, 20, 30, 30]], [0, 1])]
+    fp32 = [ImageBoxes.from_arrays([[0, 0, 10, 10], [22, 20, 32, 30]], [0, 1], [0.9, 0.8])]
+    # The second box still overlaps FP32's by IoU 0.67 but the true object only by 0.43:
+    # full agreement with FP32, yet half the mAP50 is lost.
+    int8 = [ImageBoxes.from_arrays([[0, 0, 10, 10], [24, 20, 34, 30]], [0, 1], [0.9, 0.8])]
+
+    judged = fidelity(fp32, int8, truth)
+    unlabelled = fidelity(fp32, int8, None)
+
+    assert (judged.recall, judged.precision) == (1.0, 1.0)
+    assert judged.map50_drop == pytest.approx(0.5)
+    assert not judged.within(0.03)
+    assert unlabelled.within(0.03) and unlabelled.map50_drop is None
+
+
+def test_log_never_claims_within_budget_when_the_held_out_proof_says_outside(
+    tiny_onnx, tmp_path, monkeypatch, caplog
+):
+    model = shutil.copy(tiny_onnx, tmp_path / "tiny.onnx")
+    images = scene_images(tmp_path / "frames", 40, seed=4)
+    # The validation frames look fine to the search; the held-out images do not.
+    monkeypatch.setattr(prove.Judge, "__call__", lambda self, path: quantize.Fidelity(1.0, 1.0))
+    monkeypatch.setattr(prove, "fidelity", lambda *args: quantize.Fidelity(0.9, 0.95))
+    request = QuantizeRequest(model=model, data=[images], samples=20, latency_runs=2)
+
+    with caplog.at_level(logging.INFO, logger="toolkit"):
+        report = quantize_and_prove(request)
+
+    assert report.variants[1].within_budget is False
+    assert report.search[0]["recall"] == 1.0  # the search did stop at no float layers
+    assert any("held-out proof does not" in w for w in report.warnings)
+    claims = [r.getMessage() for r in caplog.records if "within" in r.getMessage().lower()]
+    assert not [c for c in claims if "within budget" in c or "within the budget" in c], claims
+    assert "OUTSIDE" in caplog.text

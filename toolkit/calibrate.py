@@ -123,11 +123,23 @@ def sample_split(
     sources pooled (every image or video frame equally likely), decoded in source order.
 
     Calibration gets its share first; held-out takes up to ``held_out`` of the rest."""
+    calibration_samples, held_samples = sample_splits(sources, [calibration, held_out], seed=seed)
+    return calibration_samples, held_samples
+
+
+def sample_splits(
+    sources: Sequence[DataSource], counts: Sequence[int], *, seed: int
+) -> list[list[Sample]]:
+    """Disjoint random samples of the given sizes from all sources pooled, in the order of
+    ``counts`` (each takes up to its count of what the earlier ones left)."""
     pooled = [(k, item) for k, source in enumerate(sources) for item in source.items]
     order = np.random.default_rng(seed).permutation(len(pooled))
-    calibration_picks = [pooled[i] for i in order[:calibration]]
-    held_picks = [pooled[i] for i in order[calibration : calibration + held_out]]
-    return _load_picks(sources, calibration_picks), _load_picks(sources, held_picks)
+    splits, start = [], 0
+    for count in counts:
+        picks = [pooled[i] for i in order[start : start + count]]
+        splits.append(_load_picks(sources, picks))
+        start += count
+    return splits
 
 
 def _load_picks(sources: Sequence[DataSource], picks: Sequence[tuple[int, object]]) -> list:

@@ -506,13 +506,23 @@ def _supports_calibration_cache() -> bool:
 
 @dataclass(frozen=True)
 class Fidelity:
-    """Agreement of an INT8 model with FP32 on the search images."""
+    """How far an INT8 model strays from FP32 on some images: agreement with FP32's
+    detections and, when the images are labelled, how much true mAP50 it loses.  The budget
+    search and the proof report judge with this one rule."""
 
     recall: float
     precision: float
+    map50_drop: float | None = None  # FP32's mAP50 minus this model's, with labels only
 
     def within(self, max_drop: float) -> bool:
-        return self.recall >= 1 - max_drop and self.precision >= 1 - max_drop
+        agrees = self.recall >= 1 - max_drop and self.precision >= 1 - max_drop
+        return agrees and (self.map50_drop is None or self.map50_drop <= max_drop)
+
+    def describe(self) -> str:
+        text = f"recall {self.recall:.3f}, precision {self.precision:.3f} vs FP32"
+        if self.map50_drop is not None:
+            text += f", mAP50 drop {self.map50_drop:.3f} vs labels"
+        return text
 
 
 @dataclass
@@ -618,12 +628,7 @@ def search_float_layers(
     def fits(count: int) -> bool:
         fidelity = evaluate(names[:count])
         steps.append(SearchStep(names[:count], fidelity))
-        log.info(
-            "Budget search: %d float layers -> recall %.3f, precision %.3f vs FP32",
-            count,
-            fidelity.recall,
-            fidelity.precision,
-        )
+        log.info("Budget search: %d float layers -> %s", count, fidelity.describe())
         return fidelity.within(max_drop)
 
     if fits(0):
