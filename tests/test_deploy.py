@@ -603,3 +603,12 @@ def test_first_release_that_cannot_start_stops_the_service_and_says_so(devices, 
     assert not (root / "current").is_symlink()
     assert (root / "releases" / "corrupt-model" / "FAILED").is_file()
     assert device_status(device)["service"] in ("inactive", "failed")
+
+
+def test_status_of_a_fresh_device_says_nothing_is_deployed(devices):
+    device = devices.make("fresh")
+
+    row = device_status(device)
+
+    assert row["current"] is None and row["healthy"] is False
+    assert row["health"] == f"nothing deployed under {device.root}"

@@ -243,8 +243,11 @@ def device_status(device: DeviceSettings) -> dict:
         state = read_state(remote, device)
         active = _service_state(remote, device)
         current = _release_entry(state, state["current"])
-        url = _recorded_health_url(current)
-        health = _probe_health(remote, device, url, wait=0) if url else Health(False, "no URL")
+        if state["current"] is None:
+            # A fresh device: whatever answers on the default port is not ours.
+            health = Health(False, f"nothing deployed under {device.root}")
+        else:
+            health = _probe_health(remote, device, _recorded_health_url(current), wait=0)
     return {
         "device": device.name,
         "target": device.ssh.label,
