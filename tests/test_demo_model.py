@@ -93,7 +93,7 @@ def test_demo_model_finds_the_right_shapes(demo_onnx, val_samples):
     found = detect_samples(demo_onnx, [s.image for s in labelled], conf_threshold=DEPLOY_CONF)
 
     # The largest shape of an image is found with its class and a tight box, in most images
-    # (9 of these 12 when the model was committed).
+    # (10 of these 12 when the model was committed).
     hits = []
     for sample, detections in zip(labelled, found, strict=True):
         truth = sample.labels
@@ -169,4 +169,5 @@ def test_demo_model_static_int8_keeps_its_map50(demo_onnx, tmp_path, recorded):
     assert report.held_out["labelled"] and report.held_out["count"] == 100
     assert fp32.map50 == pytest.approx(recorded["onnx_fp32"]["map50"], abs=0.005)
     assert fp32.map50 - int8.map50 <= request.max_drop, (fp32.map50, int8.map50)
-    assert int8.within_budget
+    # It also keeps nearly every FP32 detection (the agreement part of the proof).
+    assert int8.recall >= 1 - request.max_drop, int8
