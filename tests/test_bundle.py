@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -382,3 +383,24 @@ def test_verify_bundle_on_an_archive_says_to_unpack_it(tmp_path, models):
 
     assert outcome.exit_code == 1
     assert "tar -xzf" in str(outcome.exception)
+
+
+def test_runtime_wheel_that_is_not_this_projects_wheel_is_refused(tmp_path, models):
+    not_a_zip = tmp_path / "edge_yolo_toolkit-1.0-py3-none-any.whl"
+    not_a_zip.write_text("hello")
+    other = tmp_path / "other-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(other, "w") as archive:
+        archive.writestr("other-1.0.dist-info/METADATA", "Name: other\n")
+
+    with pytest.raises(ToolkitError, match="is not a wheel"):
+        build_bundle([BundleModel("fp32", models["fp32"])], tmp_path / "a", runtime_wheel=not_a_zip)
+    with pytest.raises(ToolkitError, match="not a wheel of this project"):
+        build_bundle([BundleModel("fp32", models["fp32"])], tmp_path / "b", runtime_wheel=other)
+    with pytest.raises(ToolkitError, match="contradict"):
+        build_bundle(
+            [BundleModel("fp32", models["fp32"])],
+            tmp_path / "c",
+            runtime_wheel=other,
+            include_runtime=False,
+        )
+    assert not any((tmp_path / name).exists() for name in "abc")

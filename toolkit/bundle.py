@@ -94,6 +94,8 @@ def build_bundle(
     validate_bundle_arguments(models, out, default_precision, force)
     if release is not None:
         check_release_id(release, "--release")
+    if runtime_wheel is not None and not include_runtime:
+        raise ToolkitError("--runtime-wheel and --no-runtime contradict each other: give one.")
     entries = [describe_model(model, check_load=check_models) for model in models]
     default = _default_model(entries, default_precision)
     config_text = bundle_config_text(config)
@@ -378,8 +380,29 @@ def _add_runtime(staging: Path, wheel: Path | None, include: bool) -> str | None
     else:
         if not Path(wheel).is_file() or not str(wheel).endswith(".whl"):
             raise ToolkitError(f"Expected a .whl file for --runtime-wheel, got {wheel}.")
+        _check_runtime_wheel(Path(wheel))
         shutil.copyfile(wheel, folder / Path(wheel).name)
     return f"{RUNTIME_DIR}/{Path(wheel).name}"
+
+
+def _check_runtime_wheel(wheel: Path) -> None:
+    """The wheel must be this project's: the device pip-installs it only after the upload."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(wheel) as archive:
+            names = archive.namelist()
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise ToolkitError(
+            f"--runtime-wheel {wheel} is not a wheel (a wheel is a zip archive: {exc}). Build "
+            "one with 'pip wheel --no-deps .' in the project, or leave the option out."
+        ) from exc
+    project = "edge_yolo_toolkit-"
+    if not any(name.startswith(project) and ".dist-info/" in name for name in names):
+        raise ToolkitError(
+            f"--runtime-wheel {wheel} holds no {project}*.dist-info: it is not a wheel of this "
+            "project, which the device runs. Leave the option out to build the right one."
+        )
 
 
 def _publish(staging: Path, out: Path, force: bool) -> None:
