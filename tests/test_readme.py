@@ -97,8 +97,10 @@ def test_quick_start_from_a_fresh_clone(tmp_path):
     assert "int8" in main_job.stdout.lower()
     detection_lines = [line for line in main_job.stdout.splitlines() if '"detections"' in line]
     assert len(detection_lines) == 40
-    labels = {label for line in detection_lines for label in re.findall(r'"label": "(\w+)"', line)}
-    assert labels & {"circle", "square", "triangle", "star"}
+    labels = {
+        label for line in detection_lines for label in re.findall(r'"label":\s*"(\w+)"', line)
+    }
+    assert len(labels & {"circle", "square", "triangle", "star"}) >= 3, labels
     assert (clone / "out" / "demo" / "shapes-yolov5n.onnx").is_file()
 
     env["PYTEST_ADDOPTS"] = "tests/test_postprocess.py -q"
