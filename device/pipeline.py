@@ -229,7 +229,9 @@ class Pipeline:
 
     def _inference_loop(self) -> None:
         clock = self._clocks["inference"]
-        next_due = 0.0
+        # Due now: the first frame runs at once and the second one interval later, not also
+        # at once (a schedule starting at 0 would let two frames through back to back).
+        next_due = time.monotonic()
         inferred = 0
         while True:
             if self.max_frames and inferred >= self.max_frames:

@@ -211,6 +211,20 @@ def test_max_fps_spaces_out_inference(detector):
     assert time.monotonic() - started >= 5 / 20
 
 
+def test_max_fps_holds_back_the_second_frame_too(detector):
+    sink = RecordingSink()
+    pipeline = make(detector, ScriptedSource(10, live=True), [sink], max_fps=0.5)
+    pipeline.start()
+    deadline = time.monotonic() + 10
+    while not sink.frames and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.3)  # far less than the 2 s interval
+
+    assert sink.frames == [0]  # the second frame waits its turn instead of following at once
+    pipeline.stop()
+    assert pipeline.join(10) == []
+
+
 class CountingDetector:
     """The real detector, counting (and slowing) inference like a small board."""
 
