@@ -98,6 +98,7 @@ class Daemon:
     def _start_sinks(self, resources: ExitStack) -> list[Sink]:
         sinks = build_sinks(self.config, self.stats, self.health)
         for sink in list(sinks):
+            sink.stop_daemon = self.stop
             resources.callback(self._close_sink, sink)
             try:
                 sink.start()

@@ -136,3 +136,41 @@ def test_an_unwritable_path_is_explained(tmp_path):
     sink = JsonlSink(JsonlConfig(enabled=True, path=str(tmp_path)))  # a folder, not a file
     with pytest.raises(ToolkitError, match=r"Cannot write JSON lines to .*: Is a directory"):
         sink.start()
+
+
+def test_stdout_closed_by_its_reader_asks_the_daemon_to_stop_without_a_traceback():
+    code = (
+        "import sys, threading\n"
+        "import numpy as np\n"
+        "from device.publish.jsonl import JsonlConfig, JsonlSink\n"
+        "from device.types import Frame, FrameResult\n"
+        "stopped = threading.Event()\n"
+        "sink = JsonlSink(JsonlConfig(enabled=True))\n"
+        "sink.stop_daemon = lambda reason: stopped.set()\n"
+        "sink.start()\n"
+        "for index in range(20000):\n"
+        "    frame = Frame(np.zeros((4, 4, 3), np.uint8), index, 0.0, 0.0, 'x')\n"
+        "    sink.publish(FrameResult(frame, []))\n"
+        "    if stopped.wait(0.001):\n"
+        "        break\n"
+        "sink.close()\n"
+        "print('stopped' if stopped.is_set() else 'never stopped', file=sys.stderr)\n"
+    )
+    child = subprocess.Popen(
+        [sys.executable, "-c", code],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    first = child.stdout.readline()
+    child.stdout.close()  # like 'toolkit-device run --jsonl - | head -1'
+    try:
+        _, stderr = child.communicate(timeout=60)
+    finally:
+        child.kill()
+
+    assert json.loads(first)["frame"] == 0
+    assert child.returncode == 0, stderr
+    assert stderr.strip().endswith("stopped"), stderr
+    assert "Traceback" not in stderr and "Exception ignored" not in stderr

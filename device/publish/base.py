@@ -17,6 +17,9 @@ class Sink(ABC):
     return quickly: slow work (network, disk) belongs in the sink's own thread or queue."""
 
     name: str = "sink"
+    # Set by the daemon before start(): an output whose reader is gone for good (stdout piped
+    # into a program that exited) asks the whole daemon to stop, as a Unix filter would.
+    stop_daemon: Callable[[str], None] | None = None
 
     def start(self) -> None:  # noqa: B027 (optional hook: a no-op unless a sink needs it)
         """Connect or open files; called once before the first result."""

@@ -108,6 +108,10 @@ class JsonlSink(Sink):
         try:
             self._stream.write("\n".join(lines) + "\n")
             self._stream.flush()
+        except BrokenPipeError:
+            if self._path is not None:
+                raise
+            self._reader_gone(len(lines))
         except (OSError, ValueError) as exc:
             self.errors += len(lines)
             if self.stats is not None:
@@ -119,6 +123,23 @@ class JsonlSink(Sink):
         if self.stats is not None:
             self.stats.published.labels(self.name).inc(len(lines))
         self._rotate_if_large()
+
+    def _reader_gone(self, lost: int) -> None:
+        """stdout's reader exited (``... --jsonl - | head -1``): stop like a Unix filter."""
+        self.errors += lost
+        if isinstance(self._stream, _Discard):
+            return
+        try:
+            # Python's own flush of stdout at exit must not fail again on the dead pipe.
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, self._stream.fileno())
+            os.close(devnull)
+        except (OSError, ValueError):
+            pass  # stdout is not a real file (replaced by a test or an embedding program)
+        self._stream = _Discard()
+        log.info("stdout was closed by its reader (broken pipe); stopping")
+        if self.stop_daemon is not None:
+            self.stop_daemon("stdout was closed by its reader")
 
     def _rotate_if_large(self) -> None:
         limit = self.config.max_megabytes
@@ -155,3 +176,13 @@ class JsonlSink(Sink):
             "dropped": self.dropped,
             "errors": self.errors,
         }
+
+
+class _Discard:
+    """Where JSON lines go once stdout's reader has gone."""
+
+    def write(self, text: str) -> int:
+        return len(text)
+
+    def flush(self) -> None:
+        pass
