@@ -135,3 +135,24 @@ def test_unusable_directory_is_a_clear_error(tmp_path):
     config = SnapshotConfig(enabled=True, directory=blocker / "snapshots")
     with pytest.raises(ToolkitError, match=r"snapshots\.directory: cannot create"):
         SnapshotSink(config, RuntimeStats()).start()
+
+
+def test_a_full_disk_leaves_no_orphan_image_and_is_logged_once(tmp_path, monkeypatch, caplog):
+    import device.publish.snapshots as snapshots
+
+    real_write = snapshots._atomic_write
+
+    def disk_full_for_sidecars(path, data):
+        if path.suffix == ".json":
+            raise OSError(28, "No space left on device")
+        real_write(path, data)
+
+    monkeypatch.setattr(snapshots, "_atomic_write", disk_full_for_sidecars)
+    frames = [result(i, [PERSON], monotonic=float(i)) for i in range(5)]
+    with caplog.at_level("INFO", logger="device.publish.snapshots"):
+        stats = run(tmp_path, frames, min_interval=0)
+
+    assert names(tmp_path, ".jpg") == [] and names(tmp_path, ".json") == []
+    assert stats.snapshot()["outputs"]["snapshots"]["errors"] == 5
+    failures = [r for r in caplog.records if "could not write" in r.getMessage()]
+    assert len(failures) == 1

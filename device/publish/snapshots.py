@@ -64,6 +64,7 @@ class SnapshotSink(Sink):
         self._stop = threading.Event()
         self._worker: threading.Thread | None = None
         self._closed = False
+        self._failures_in_a_row = 0
         self._saved = stats.published.labels(self.name)
         self._dropped = stats.publish_dropped.labels(self.name)
         self._errors = stats.publish_errors.labels(self.name)
@@ -151,7 +152,19 @@ class SnapshotSink(Sink):
                 self._save(result, triggers)
             except OSError as exc:
                 self._errors.inc()
-                log.error("Snapshots: could not write to %s: %s", self.directory, exc)
+                self._failures_in_a_row += 1
+                # A full disk fails every frame: say it once, then now and then.
+                if self._failures_in_a_row == 1 or self._failures_in_a_row % 100 == 0:
+                    log.error(
+                        "Snapshots: could not write to %s (%d failed in a row): %s",
+                        self.directory,
+                        self._failures_in_a_row,
+                        exc,
+                    )
+                continue
+            if self._failures_in_a_row:
+                log.info("Snapshots: writing again after %d failures", self._failures_in_a_row)
+                self._failures_in_a_row = 0
 
     def _save(self, result: FrameResult, triggers: list[Detection]) -> None:
         stem = self._unique_stem(result, triggers)
@@ -168,8 +181,14 @@ class SnapshotSink(Sink):
         sidecar_bytes = json.dumps(sidecar, indent=2).encode()
 
         # Image first: a sidecar on disk always has its image.
-        _atomic_write(self.directory / f"{stem}.jpg", jpeg)
-        _atomic_write(self.directory / f"{stem}.json", sidecar_bytes)
+        image_path = self.directory / f"{stem}.jpg"
+        _atomic_write(image_path, jpeg)
+        try:
+            _atomic_write(self.directory / f"{stem}.json", sidecar_bytes)
+        except OSError:
+            # Not yet counted for retention, so an image left here would never be deleted.
+            image_path.unlink(missing_ok=True)
+            raise
         self._kept.append((stem, len(jpeg) + len(sidecar_bytes)))
         self._kept_bytes += len(jpeg) + len(sidecar_bytes)
         self._saved.inc()
