@@ -282,3 +282,5 @@ def test_log_never_claims_within_budget_when_the_held_out_proof_says_outside(
     claims = [r.getMessage() for r in caplog.records if "within" in r.getMessage().lower()]
     assert not [c for c in claims if "within budget" in c or "within the budget" in c], claims
     assert "OUTSIDE" in caplog.text
+    markdown = (tmp_path / "tiny-int8-report.md").read_text()
+    assert "6 validation samples of the calibration sources" in markdown
