@@ -6,7 +6,9 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -121,3 +123,83 @@ def run_shell(command: str, cwd: Path, env: dict, timeout: float) -> subprocess.
         timeout=timeout,
         check=False,
     )
+
+
+# README examples that need what a test machine lacks, and where the same path is tested.
+NEEDS_ELSEWHERE = {
+    "--weights yolov5n.pt": "downloads: tests/test_export_download.py on a local server",
+    "picamera": "Pi camera: tests/test_sources_picamera.py with a picamera2 stand-in",
+    "/dev/video0": "USB camera: tests/test_sources_local.py",
+    "tcp://": "network stream: tests/test_sources_stream.py, tests/test_daemon.py",
+    "rtsp://": "network stream: tests/test_sources_stream.py",
+    "run daemon.yaml": "Pi camera config: tests/test_device_config.py",
+    "toolkit deploy": "needs an SSH host: tests/test_deploy.py against a local sshd",
+    "toolkit status": "needs an SSH host: tests/test_deploy.py against a local sshd",
+}
+
+
+def runnable_examples() -> list[list[str]]:
+    return [
+        words
+        for words in example_command_lines()
+        if not any(marker in " ".join(words) for marker in NEEDS_ELSEWHERE)
+    ]
+
+
+def stage_example_files(folder: Path) -> None:
+    """The files the README's examples name, made from the shipped demo assets."""
+    from toolkit.demo import DEMO_VAL_DIR, DEMO_VIDEO, DEMO_WEIGHTS
+
+    (folder / "runs/train/exp/weights").mkdir(parents=True)
+    for name in ("runs/train/exp/weights/best.pt", "best.pt"):
+        shutil.copy(DEMO_WEIGHTS, folder / name)
+    for name in ("site.mp4", "clip.mp4"):
+        shutil.copy(DEMO_VIDEO, folder / name)
+    shutil.copytree(DEMO_VAL_DIR, folder / "val")
+    shutil.copytree(DEMO_VAL_DIR / "images", folder / "site-frames")
+    shutil.copy(sorted((DEMO_VAL_DIR / "images").glob("*.jpg"))[0], folder / "bus.jpg")
+    # The README's config watches for people and cars; the demo model knows shapes.
+    config = fenced_blocks("yaml")[0].replace("[person, car]", "[circle, square]")
+    (folder / "daemon.yaml").write_text(config)
+
+
+def run_example(words: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    module = "toolkit" if words[0] == "toolkit" else "device.cli"
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    return subprocess.run(
+        [sys.executable, "-m", module, *words[1:]],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+
+
+@pytest.mark.slow
+def test_readme_examples_run_as_written(tmp_path):
+    """Every example a test machine can run, in README order, on files named as in the
+    README (made from the demo model and its data)."""
+    stage_example_files(tmp_path)
+    examples = runnable_examples()
+    assert len(examples) >= 7
+
+    for words in examples:
+        if words[:2] == ["toolkit-device", "run"]:
+            shutil.copy(tmp_path / "best.onnx", tmp_path / words[words.index("-m") + 1])
+
+        result = run_example(words, tmp_path)
+
+        # --strict may refuse a variant outside a tight budget: exit 3, saying so.
+        strict_refusal = "--strict" in words and result.returncode == 3
+        assert result.returncode == 0 or strict_refusal, f"{' '.join(words)}\n{result.stdout}"
+        if strict_refusal:
+            assert "budget (--max-drop" in result.stdout
+
+    assert (tmp_path / "best-384x640.onnx").is_file()
+    assert (tmp_path / "best-fp16.onnx").is_file()
+    assert list(tmp_path.glob("best-int8-*.onnx"))
+    assert (tmp_path / "best-int8-report.md").is_file()
+    assert (tmp_path / "out" / "cam.tar.gz").is_file()

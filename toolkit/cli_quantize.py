@@ -47,7 +47,10 @@ def quantize_command(
     data: Annotated[
         list[Path] | None,
         typer.Option(
-            "--data", "-d", help="Calibration images: folder, video or YOLO dataset. Repeatable."
+            "--data",
+            "--calib-data",
+            "-d",
+            help="Calibration images: folder, video or YOLO dataset. Repeatable.",
         ),
     ] = None,
     eval_data: Annotated[
