@@ -148,6 +148,7 @@ class Daemon:
 
         while not pipeline.done.is_set() and not self._stop_requested.is_set():
             self._wake.wait(tick)
+            pipeline.record_source_status()
 
             stalled = pipeline.stalled(stall_limit)
             if stalled and not stalled_before:

@@ -271,6 +271,13 @@ class Pipeline:
                 self._finish("max_frames")
                 return
 
+    def record_source_status(self) -> None:
+        """Mirror the source's state and counters into the stats; called per frame and by the
+        daemon's supervisor, so that a lost source shows while no frame arrives."""
+        source_status = self.source.status()
+        source_status["frames_dropped"] += self.frames_skipped  # both are dropped to stay current
+        self.stats.record_source(source_status)
+
     def _publish(self, job: _Job, clock: _StageClock) -> None:
         clock.begin()
         detections = self.detector.postprocess(job.rows, job.transform)
@@ -287,9 +294,7 @@ class Pipeline:
 
         self.frames_published += 1
         self.stats.record_frame(timings, [d.label for d in detections])
-        source_status = self.source.status()
-        source_status["frames_dropped"] += self.frames_skipped  # both are dropped to stay current
-        self.stats.record_source(source_status)
+        self.record_source_status()
         self.health.frame_done()
         log.debug(
             "frame %d: %d detections, inference %.1f ms",

@@ -184,11 +184,6 @@ def http_text(port: int, path: str) -> str:
         return response.read().decode()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known bug: RuntimeStats mirrors the source status only when a frame is processed, "
-    "so edge_source_up stays 1 while the source is reconnecting",
-)
 def test_source_up_metric_drops_to_0_while_the_stream_is_lost(tmp_path, constant_model):
     http_port, camera, config_file = stream_setup(tmp_path, constant_model)
     log_file = tmp_path / "daemon.log"
