@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -174,3 +175,23 @@ def test_stdout_closed_by_its_reader_asks_the_daemon_to_stop_without_a_traceback
     assert child.returncode == 0, stderr
     assert stderr.strip().endswith("stopped"), stderr
     assert "Traceback" not in stderr and "Exception ignored" not in stderr
+
+
+def test_a_rotation_that_cannot_happen_keeps_writing_and_close_returns(tmp_path):
+    out = tmp_path / "out.jsonl"
+    (tmp_path / "out.jsonl.1").mkdir()  # the backup name is taken by a folder
+    config = JsonlConfig(enabled=True, path=str(out), max_megabytes=0.001, queue_size=4)
+    sink = JsonlSink(config)
+    sink.start()
+    for index in range(40):
+        sink.publish(result(index))
+        time.sleep(0.002)
+    closer = threading.Thread(target=sink.close, daemon=True)
+    closer.start()
+    closer.join(timeout=30)
+
+    assert not closer.is_alive(), "close() hung after the writer met a rotation error"
+    frames = [json.loads(line)["frame"] for line in out.read_text().splitlines()]
+    assert len(frames) + sink.dropped == 40  # every line written or counted as dropped
+    assert frames[0] == 0 and frames == sorted(frames)
+    assert sink.errors == 0

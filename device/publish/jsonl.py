@@ -62,6 +62,7 @@ class JsonlSink(Sink):
         self.written = 0
         self.dropped = 0
         self.errors = 0
+        self._rotation_failed = False
 
     def start(self) -> None:
         self._stream = self._open()
@@ -100,7 +101,11 @@ class JsonlSink(Sink):
                 batch.append(self._queue.get_nowait())
             lines = [json.dumps(i, separators=(",", ":")) for i in batch if i is not _STOP]
             if lines:
-                self._write(lines)
+                try:
+                    self._write(lines)
+                except Exception as exc:  # a dead writer would leave close() waiting forever
+                    self.errors += len(lines)
+                    log.warning("JSON lines to %s failed: %s", self._path or "stdout", exc)
             if any(i is _STOP for i in batch):
                 return
 
@@ -143,17 +148,36 @@ class JsonlSink(Sink):
 
     def _rotate_if_large(self) -> None:
         limit = self.config.max_megabytes
-        if self._path is None or limit is None or self._stream.tell() < limit * 1e6:
+        if self._path is None or limit is None or self._rotation_failed:
+            return
+        backup = self._path.with_name(self._path.name + ".1")
+        try:
+            if self._stream.tell() < limit * 1e6:
+                return
+            # Renamed while still open: the lines written so far move with it.
+            os.replace(self._path, backup)
+        except OSError as exc:
+            self._rotation_failed = True
+            log.warning(
+                "Could not rotate %s to %s (%s); writing on without a size limit. Expected a "
+                "regular file whose folder has no directory named %s in the way.",
+                self._path,
+                backup.name,
+                exc.strerror or exc,
+                backup.name,
+            )
             return
         self._stream.close()
-        os.replace(self._path, self._path.with_name(self._path.name + ".1"))
         self._stream = self._path.open("w", encoding="utf-8")
         log.info("Rotated %s at %.1f MB", self._path, limit)
 
     def close(self) -> None:
         if self._thread is None:
             return
-        self._queue.put(_STOP)  # blocks only while the writer drains a full queue
+        try:
+            self._queue.put(_STOP, timeout=10)  # waits only while the writer drains a full queue
+        except queue.Full:
+            log.warning("JSON lines: the writer did not drain its queue; closing without it")
         self._thread.join(timeout=10)
         self._thread = None
         if self._path is not None and self._stream is not None:
