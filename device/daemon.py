@@ -33,6 +33,9 @@ log = logging.getLogger(__name__)
 EXIT_OK = 0
 EXIT_FAILED = 1
 _TICK = 1.0  # seconds between the supervisor's looks at the pipeline
+# 'timeout' and some supervisors signal the process and then its whole group, so one stop can
+# arrive twice within microseconds; only a signal after this long is a human's second request.
+_SAME_STOP_WINDOW = 1.0
 
 
 class Daemon:
@@ -49,6 +52,7 @@ class Daemon:
         self._stop_requested = threading.Event()
         self._wake = threading.Event()  # set by a stop request or by the pipeline finishing
         self._stop_reason = ""
+        self._first_signal_at: float | None = None
 
     # The run, as a short list of stages
 
@@ -254,10 +258,15 @@ class Daemon:
 
     def _on_signal(self, signum: int, frame) -> None:
         name = signal.Signals(signum).name
+        now = time.monotonic()
+        if self._first_signal_at is not None and now - self._first_signal_at < _SAME_STOP_WINDOW:
+            log.debug("%s again at once (sent to the process group too); already stopping", name)
+            return
         if self._stop_requested.is_set():
             # A second signal means the user will not wait for a clean shutdown.
             log.warning("Second %s: exiting without finishing the shutdown", name)
             raise SystemExit(EXIT_FAILED)
+        self._first_signal_at = now
         self.stop(f"received {name}")
         if self.pipeline is None:
             # Still setting up (loading the model, opening the camera): stop right there.

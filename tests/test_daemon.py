@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import cv2
 import numpy as np
@@ -428,3 +429,25 @@ def test_a_stuck_inference_stops_the_watchdog_pings_and_turns_health_red(
     assert status["reason"].startswith("stuck: inference for")
     assert pings_while_stuck == 0
     assert not runner.is_alive()
+
+
+def test_one_stop_signalled_twice_at_once_is_not_taken_for_a_second_request(
+    tmp_path, constant_model, image_folder, monkeypatch
+):
+    # 'timeout' sends SIGTERM to the daemon and then to its whole process group.
+    config = folder_config(tmp_path, constant_model, image_folder, "{http: {enabled: false}}")
+    daemon = Daemon(config, notifier=Notifier({}))
+    daemon.pipeline = object()  # running: a signal asks for a clean stop
+    import device.daemon as daemon_module
+
+    clock = [1000.0]
+    monkeypatch.setattr(daemon_module, "time", SimpleNamespace(monotonic=lambda: clock[0]))
+
+    daemon._on_signal(signal.SIGTERM, None)
+    clock[0] += 0.001
+    daemon._on_signal(signal.SIGTERM, None)  # the same stop, delivered again: no exit
+
+    assert daemon._stop_reason == "received SIGTERM"
+    clock[0] += 5.0
+    with pytest.raises(SystemExit):  # a real second request, seconds later
+        daemon._on_signal(signal.SIGINT, None)
