@@ -217,3 +217,25 @@ def test_frames_are_bgr_contiguous_uint8():
 
     bgr = as_bgr(image)
     assert bgr.shape == (4, 6, 3) and bgr.dtype == np.uint8 and bgr.min() == 255
+
+
+def test_a_refused_stream_does_not_print_opencv_warnings():
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO_ROOT
+
+    code = (
+        "import socket\n"
+        "from device.sources.opencv_capture import open_ffmpeg_capture\n"
+        "holder = socket.socket(); holder.bind(('127.0.0.1', 0))\n"  # bound, not listening
+        "url = 'tcp://127.0.0.1:%d' % holder.getsockname()[1]\n"
+        "capture = open_ffmpeg_capture(url, open_timeout_s=2, read_timeout_s=2, options={})\n"
+        "print(capture.isOpened())\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60
+    )
+
+    assert done.stdout.strip() == "False", done.stderr
+    assert "[ WARN" not in done.stderr, done.stderr

@@ -20,6 +20,10 @@ FFMPEG_OPTIONS_ENV = "OPENCV_FFMPEG_CAPTURE_OPTIONS"
 # at open time, so opens that set it must not interleave.
 _ffmpeg_env_lock = threading.Lock()
 
+# OpenCV's own warnings ("backend is generally available but can't be used to capture by name"
+# on every failed reconnect attempt) only puzzle users: the sources say what went wrong.
+cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
+
 
 def ffmpeg_options_string(options: dict[str, str]) -> str:
     """Options in the 'key;value|key;value' form OpenCV's FFmpeg backend reads, keeping any the
