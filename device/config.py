@@ -150,8 +150,18 @@ def read_yaml(path: Path) -> tuple[dict, yaml.Node | None]:
             f"Config file not found: {path}. Pass the path of a YAML file "
             "(see 'toolkit-device run --help' for an example)."
         ) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"Could not read config file {path}: {exc}") from None
+    except IsADirectoryError:
+        raise ConfigError(
+            f"Config file {path} is a folder. Pass the path of a YAML file inside it, such as "
+            f"{path / 'daemon.yaml'}."
+        ) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"Config file {path} is not UTF-8 text (undecodable byte at offset {exc.start}). "
+            "Expected a YAML text file; 'toolkit-device example-config' prints one."
+        ) from None
+    except OSError as exc:
+        raise ConfigError(f"Could not read config file {path}: {exc.strerror or exc}.") from None
 
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)

@@ -153,6 +153,19 @@ def test_a_top_level_list_is_rejected(tmp_path):
     assert "expected a mapping of sections" in message
 
 
+def test_a_folder_or_a_binary_file_as_config_says_what_was_expected(tmp_path):
+    with pytest.raises(ConfigError) as folder:
+        load_config(tmp_path)
+    binary = tmp_path / "daemon.yaml"
+    binary.write_bytes(b"\xb7\x00\xff" * 50)
+    with pytest.raises(ConfigError) as undecodable:
+        load_config(binary)
+
+    assert "is a folder" in str(folder.value) and "daemon.yaml" in str(folder.value)
+    assert "is not UTF-8 text" in str(undecodable.value)
+    assert "Errno" not in str(folder.value) + str(undecodable.value)
+
+
 def test_flags_override_the_file_and_errors_name_the_flag(tmp_path, model):
     path = write(tmp_path, VALID.format(model=model))
     overrides = run_overrides(conf=0.7, classes="car", max_frames=5, mqtt_host="broker.lan")
