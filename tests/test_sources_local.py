@@ -231,3 +231,11 @@ def test_settings_describe_every_field():
         for name, field in model.model_fields.items():
             if name != "type":
                 assert field.description, f"{model.__name__}.{name} needs a description"
+
+
+def test_an_unsupported_url_scheme_is_named_instead_of_read_as_a_file_path():
+    with pytest.raises(ConfigError) as caught:
+        source_config_from_string("ftp://127.0.0.1/cam.mp4")
+
+    assert "ftp:// streams are not supported" in str(caught.value)
+    assert "rtsp://" in str(caught.value)

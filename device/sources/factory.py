@@ -90,6 +90,13 @@ def source_config_from_string(text: str, **settings) -> SourceConfig:
         data = {"type": "usb", **({"device": text} if text != "usb" else {})}
     elif scheme in STREAM_SCHEMES:
         data = {"type": "stream", "url": text}
+    elif "://" in text:
+        schemes = ", ".join(f"{s}://" for s in STREAM_SCHEMES)
+        raise ConfigError(
+            f"{scheme or 'this'}:// streams are not supported. Expected a URL "
+            f"starting with one of {schemes}, a camera (picamera, usb, /dev/videoN), a video "
+            "file or an image folder."
+        )
     elif Path(text).expanduser().is_dir():
         data = {"type": "folder", "path": text}
     else:
