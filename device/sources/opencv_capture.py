@@ -22,7 +22,14 @@ _ffmpeg_env_lock = threading.Lock()
 
 # OpenCV's own warnings ("backend is generally available but can't be used to capture by name"
 # on every failed reconnect attempt) only puzzle users: the sources say what went wrong.
-cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
+try:
+    from cv2.utils import logging as opencv_logging
+
+    opencv_logging.setLogLevel(opencv_logging.LOG_LEVEL_ERROR)
+except ImportError:
+    # OpenCV 4.11 (the last line for numpy 1, as on Raspberry Pi OS) has only the flat call;
+    # 2 is cv::utils::logging::LOG_LEVEL_ERROR.
+    cv2.setLogLevel(2)
 
 
 def ffmpeg_options_string(options: dict[str, str]) -> str:
