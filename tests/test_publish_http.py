@@ -45,10 +45,12 @@ class Server:
     def health(self) -> dict:
         return {"healthy": self.healthy, "state": "running" if self.healthy else "stalled"}
 
-    def get(self, path: str, headers: dict | None = None) -> tuple[int, dict, bytes]:
+    def get(
+        self, path: str, headers: dict | None = None, method: str = "GET"
+    ) -> tuple[int, dict, bytes]:
         connection = http.client.HTTPConnection("127.0.0.1", self.sink.port, timeout=10)
         try:
-            connection.request("GET", path, headers=headers or {})
+            connection.request(method, path, headers=headers or {})
             response = connection.getresponse()
             return response.status, dict(response.getheaders()), response.read()
         finally:
@@ -72,6 +74,18 @@ def test_health_follows_the_daemon(server):
     status, _, body = server.get("/health")
     assert status == 503
     assert json.loads(body)["state"] == "stalled"
+
+
+def test_health_answers_head_requests_with_its_status(server):
+    status, _, body = server.get("/health", method="HEAD")
+    assert (status, body) == (200, b"")
+
+    server.healthy = False
+    status, _, _ = server.get("/health", method="HEAD")
+    assert status == 503
+
+    status, headers, _ = server.get("/api/stats", method="HEAD")
+    assert status == 405 and headers["Allow"] == "GET"
 
 
 def test_health_provider_that_raises_is_unhealthy(server):

@@ -264,6 +264,21 @@ class _Handler(BaseHTTPRequestHandler):
         self.timeout = self.server.sink.config.send_timeout
         super().setup()
 
+    def do_HEAD(self) -> None:
+        """Health checkers that ask with HEAD get /health's status code without its body."""
+        path = urlsplit(self.path).path.rstrip("/") or "/"
+        if path != "/health":
+            self.send_response(HTTPStatus.METHOD_NOT_ALLOWED)
+            self.send_header("Allow", "GET")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        healthy = self.server.sink.health_report()["healthy"]
+        self.send_response(HTTPStatus.OK if healthy else HTTPStatus.SERVICE_UNAVAILABLE)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
     def do_GET(self) -> None:
         sink = self.server.sink
         url = urlsplit(self.path)
