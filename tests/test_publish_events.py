@@ -66,3 +66,13 @@ def test_end_after_time_unseen_and_end_all():
     tracker.update("cam", 5.0, [det(0)])
     assert kinds(tracker.end_all()) == [("end", "person")]
     assert tracker.counts() == {}
+
+
+def test_labels_become_single_safe_topic_levels():
+    from device.publish.mqtt import MqttTopics
+
+    topics = MqttTopics("cam")
+
+    assert topics.objects("person") == "cam/objects/person"
+    assert topics.objects("cell phone") == "cam/objects/cell_phone"
+    assert topics.snapshot("a/b+c#") == "cam/snapshot/a_b_c_"

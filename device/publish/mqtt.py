@@ -36,6 +36,7 @@ import json
 import logging
 import os
 import queue
+import re
 import socket
 import threading
 import time
@@ -84,10 +85,16 @@ class MqttTopics:
         return f"{self.prefix}/stats"
 
     def objects(self, label: str) -> str:
-        return f"{self.prefix}/objects/{label}"
+        return f"{self.prefix}/objects/{topic_level(label)}"
 
     def snapshot(self, label: str) -> str:
-        return f"{self.prefix}/snapshot/{label}"
+        return f"{self.prefix}/snapshot/{topic_level(label)}"
+
+
+def topic_level(label: str) -> str:
+    """A class name as one topic level: '/' would split it, '+' and '#' are wildcards, and a
+    space ("cell phone") makes the topic awkward to subscribe to from a shell."""
+    return re.sub(r"[\s/+#]+", "_", label.strip()) or "_"
 
 
 @dataclass(frozen=True)
