@@ -242,7 +242,7 @@ class Daemon:
             ) from pipeline.error
         if pipeline.outcome == "source_failed":
             raise ToolkitError(
-                f"The source {pipeline.source.name} failed and gave up: "
+                f"The source {pipeline.source.name} failed: "
                 f"{pipeline.source.last_error or 'no reason given'}."
             )
         return EXIT_FAILED

@@ -11,6 +11,7 @@ import numpy as np
 from device.errors import ToolkitError
 from device.sources.base import FrameSource, SourceState
 from device.sources.config import VideoFileConfig
+from device.sources.container import frames_to_expect
 from device.sources.live import SourceLost
 from device.sources.opencv_capture import open_ffmpeg_capture, read_bgr, release_quietly
 from device.types import Frame
@@ -19,6 +20,11 @@ log = logging.getLogger(__name__)
 
 _OPEN_TIMEOUT_S = 30.0
 _FALLBACK_FPS = 25.0
+# A complete file can decode to slightly fewer frames than its header counts (a B-frame
+# reordering delay, a last frame shorter than the rest, rounding of an edit list); a shortfall
+# within this many frames, or this share of the count, is such a file's normal end.
+_SHORT_END_FRAMES = 3
+_SHORT_END_SHARE = 0.02
 
 
 class VideoFileSource(FrameSource):
@@ -30,7 +36,8 @@ class VideoFileSource(FrameSource):
         self.path = config.path.expanduser()
         self.name = config.name or self.path.name
         self.fps = 0.0
-        self.frame_count = 0
+        self.frame_count = 0  # as OpenCV reports it
+        self.frames_expected: int | None = None  # per the file's header; None: it does not say
         self.loops = 0
         self._capture: cv2.VideoCapture | None = None
         self._first_frame: np.ndarray | None = None
@@ -52,10 +59,10 @@ class VideoFileSource(FrameSource):
         self._started = time.monotonic()
         self._set_state(SourceState.STREAMING)
         log.info(
-            "source %s: %s, %d frames at %.2f fps%s",
+            "source %s: %s, %s at %.2f fps%s",
             self.name,
             self.path,
-            self.frame_count,
+            self._length_text(),
             self.fps,
             ", looping" if self.config.loop else "",
         )
@@ -83,6 +90,7 @@ class VideoFileSource(FrameSource):
             ) from exc
         self.fps = capture.get(cv2.CAP_PROP_FPS) or _FALLBACK_FPS
         self.frame_count = max(int(capture.get(cv2.CAP_PROP_FRAME_COUNT)), 0)
+        self.frames_expected = frames_to_expect(self.path, self.frame_count)
         self._position = 0
         return capture
 
@@ -131,6 +139,10 @@ class VideoFileSource(FrameSource):
         return image
 
     def _at_end(self) -> np.ndarray | None:
+        if self._stopped_early():
+            # Checked on every pass: looping a shortened clip would hide the damage forever.
+            self._set_state(SourceState.FAILED, self._truncation_message())
+            return None
         if not self.config.loop or self._position == 0:
             self._set_state(SourceState.ENDED, f"{self._position} frames read")
             return None
@@ -140,11 +152,43 @@ class VideoFileSource(FrameSource):
         self._started = time.monotonic()
         return self._next_image()
 
+    def _length_text(self) -> str:
+        if self.frames_expected is not None:
+            return f"{self.frames_expected} frames"
+        if self.frame_count:
+            return f"about {self.frame_count} frames (estimated from its duration)"
+        return "length unknown"
+
+    def _stopped_early(self) -> bool:
+        """Whether decoding ended clearly before the frame the file's header says is its last."""
+        expected = self.frames_expected
+        if not expected:
+            return False  # the header does not say, so there is nothing to judge by
+        tolerance = max(_SHORT_END_FRAMES, _SHORT_END_SHARE * expected)
+        return expected - self._position > tolerance
+
+    def _truncation_message(self) -> str:
+        read = self._position
+        looping = "; not looping a shortened clip" if self.config.loop else ""
+        return (
+            f"decoding of {self.path} stopped at frame {read} of the {self.frames_expected} "
+            "its header declares: the file is truncated or damaged (an interrupted copy or "
+            f"download is the usual cause){looping}. "
+            f"The {read} frames before that point were delivered. Copy the file again, or see "
+            f"where it breaks with 'ffmpeg -v error -i {self.path} -f null -'."
+        )
+
     def close(self) -> None:
         capture, self._capture = self._capture, None
         release_quietly(capture)
 
     def status(self) -> dict:
         status = super().status()
-        status.update(kind="file", path=str(self.path), fps=round(self.fps, 3), loops=self.loops)
+        status.update(
+            kind="file",
+            path=str(self.path),
+            fps=round(self.fps, 3),
+            loops=self.loops,
+            frames_expected=self.frames_expected,
+        )
         return status
