@@ -241,10 +241,8 @@ class Daemon:
                 f"{pipeline.error}. Run with --verbose for the traceback."
             ) from pipeline.error
         if pipeline.outcome == "source_failed":
-            raise ToolkitError(
-                f"The source {pipeline.source.name} failed: "
-                f"{pipeline.source.last_error or 'no reason given'}."
-            )
+            reason = (pipeline.source.last_error or "no reason given").rstrip(".")
+            raise ToolkitError(f"The source {pipeline.source.name} failed: {reason}.")
         return EXIT_FAILED
 
     # Signals
