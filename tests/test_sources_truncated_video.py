@@ -9,6 +9,7 @@ import json
 import logging
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import cv2
@@ -117,6 +118,16 @@ def test_looping_truncated_clip_fails_on_its_first_pass(clips, cut_frames):
     assert len(frames) == cut_frames and source.loops == 0
     assert source.state == SourceState.FAILED
     assert "not looping a shortened clip" in source.last_error
+
+
+def test_realtime_truncated_clip_counts_the_frames_it_skipped_over(clips, cut_frames):
+    with open_source(VideoFileConfig(path=clips["cut"], realtime=True)) as source:
+        first = source.read(timeout=2.0)
+        time.sleep((cut_frames + 5) / 25)  # every frame up to the cut and beyond falls due
+        rest = drain(source)
+    assert first is not None and source.state == SourceState.FAILED
+    assert 1 + len(rest) + source.frames_dropped == cut_frames
+    assert f"stopped at frame {cut_frames} of the {FRAMES}" in source.last_error
 
 
 @pytest.mark.parametrize("declared_extra, state", [(3, SourceState.ENDED), (4, SourceState.FAILED)])

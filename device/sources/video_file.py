@@ -174,8 +174,8 @@ class VideoFileSource(FrameSource):
             f"decoding of {self.path} stopped at frame {read} of the {self.frames_expected} "
             "its header declares: the file is truncated or damaged (an interrupted copy or "
             f"download is the usual cause){looping}. "
-            f"The {read} frames before that point were delivered. Copy the file again, or see "
-            f"where it breaks with 'ffmpeg -v error -i {self.path} -f null -'."
+            f"The {read} frames before that point were read. Copy the file again, or see where "
+            f"it breaks with 'ffmpeg -v error -i {self.path} -f null -'."
         )
 
     def close(self) -> None:
