@@ -53,6 +53,9 @@ class Quantization(BaseModel):
     op_types: list[str] = Field(default_factory=list, description="quantized op types; all")
     float_first_conv: bool = False
     float_head_convs: bool = False
+    silu_inputs_trimmed: bool = Field(
+        default=False, description="SiLU inputs' ranges start where SiLU goes flat"
+    )
     float_layers: list[str] = Field(
         default_factory=list, description="layers the fidelity-budget search kept in float"
     )

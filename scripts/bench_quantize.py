@@ -33,9 +33,12 @@ PEER = quantize.Recipe(
     preset=quantize.Preset("peer", "int8", "int8", False, "Ultralytics-style"),
     op_types=("Conv", "Gemm", "MatMul"),
     per_channel=False,
+    trim_silu_inputs=False,
 )
 NAIVE = quantize.Recipe(
-    preset=quantize.Preset("naive", "int8", "int8", False, "every node"), per_channel=False
+    preset=quantize.Preset("naive", "int8", "int8", False, "every node"),
+    per_channel=False,
+    trim_silu_inputs=False,
 )
 
 

@@ -240,3 +240,78 @@ def test_search_reports_when_no_amount_of_float_is_enough():
 
     assert not result.within_budget
     assert result.chosen == ["layer0", "layer1", "layer2", "layer3"]
+
+
+@pytest.mark.parametrize("tolerance", [0.002, 0.01, 0.05])
+def test_silu_is_within_tolerance_of_zero_below_the_flat_point(tolerance):
+    c = quantize.silu_flat_below(tolerance)
+
+    def silu_magnitude(x):
+        return x / (1.0 + np.exp(x))  # |SiLU(-x)| = x * sigmoid(-x)
+
+    assert silu_magnitude(c) <= tolerance < silu_magnitude(c - 0.02)
+    assert all(silu_magnitude(x) <= tolerance for x in np.linspace(c, c + 30, 50))
+
+
+def tiny_ranges(model, low: float, high: float):
+    from onnxruntime.quantization import CalibrationMethod, TensorData, TensorsData
+
+    tensors = {o for n in model.graph.node for o in n.output}
+    data = {
+        t: TensorData(lowest=np.float32(low), highest=np.float32(high)) for t in sorted(tensors)
+    }
+    return TensorsData(CalibrationMethod.MinMax, data)
+
+
+def test_only_silu_inputs_are_trimmed_and_only_their_low_end(tiny):
+    path, roles = tiny
+    model = onnx.load(str(path))
+    ranges = tiny_ranges(model, -40.0, 10.0)
+    silu_outputs = {o for _, o in quantize.silu_tensors(model)}
+    for name in silu_outputs:
+        ranges[name] = type(ranges[name])(lowest=np.float32(-0.278), highest=np.float32(10.0))
+
+    trimmed = quantize.trim_silu_inputs(model, ranges)
+
+    producer_role = {o: roles[n.name] for n in model.graph.node for o in n.output}
+    changed = {producer_role[t] for t in ranges if float(ranges[t].range_value[0]) != -40.0}
+    assert changed - {producer_role[t] for t in silu_outputs} == {"first", "second"}
+    assert trimmed == 2
+    floor = -quantize.silu_flat_below((10.0 + 0.278) / 255 * quantize.SILU_TRIM_ERROR)
+    first_out = next(n.output[0] for n in model.graph.node if roles[n.name] == "first")
+    assert float(ranges[first_out].range_value[0]) == pytest.approx(floor)
+    assert float(ranges[first_out].range_value[1]) == 10.0
+    assert -12.0 < floor < -6.0
+
+
+def test_trimmed_ranges_reach_the_quantized_graph(tiny, tmp_path):
+    path, roles = tiny
+    # Scale the first Conv up so that its outputs reach far below SiLU's flat point, as a
+    # trained YOLOv5's do.
+    model = onnx.load(str(path))
+    first = next(n for n in model.graph.node if roles[n.name] == "first")
+    weight = next(i for i in model.graph.initializer if i.name == first.input[1])
+    weight.CopyFrom(
+        onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(weight) * 30, weight.name)
+    )
+    onnx.save(model, str(path))
+    model, info = quantize.load_fp32_model(path)
+    tail = quantize.find_detect_tail(model, info)
+    first_out = next(n.output[0] for n in model.graph.node if roles[n.name] == "first")
+    scales = {}
+    for trim in (True, False):
+        recipe = quantize.preset_recipe(quantize.PRESETS["x86-vnni"], trim_silu_inputs=trim)
+        output = tmp_path / f"tiny-trim-{trim}.onnx"
+        info_out = quantize.static_quantize(
+            path, output, samples(16), info, recipe, float_nodes=tail.nodes
+        )
+        assert info_out.quantization.silu_inputs_trimmed is trim
+        graph = onnx.load(str(output)).graph
+        values = {i.name: onnx.numpy_helper.to_array(i) for i in graph.initializer}
+        quant = next(
+            n for n in graph.node if n.op_type == "QuantizeLinear" and n.input[0] == first_out
+        )
+        scales[trim] = float(values[quant.input[1]])
+
+    # Far fewer levels go to the negative values that the SiLU flattens anyway.
+    assert scales[True] < scales[False] * 0.75

@@ -199,12 +199,6 @@ def test_table_and_markdown_mark_the_variant_outside_the_budget():
     assert "| 0 | 0.800 | 0.900 |" in markdown
 
 
-def test_calibration_chunks_divide_the_sample_count():
-    assert [quantize.calibration_chunk(n) for n in (1, 7, 16, 60, 100, 128)] == [
-        1, 7, 16, 15, 10, 16
-    ]  # fmt: skip
-
-
 def test_export_with_quantize_writes_the_int8_beside_the_export(tiny_pt, tmp_path):
     images = scene_images(tmp_path / "frames", 12, seed=2)
     output = tmp_path / "out" / "tiny.onnx"

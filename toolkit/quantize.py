@@ -11,13 +11,15 @@ the result is both fast and faithful:
 - the Detect tail, which concatenates box pixels (0..640) with 0..1 scores: one int8 scale
   cannot hold both, so everything after each head's last Conv stays float.  It is found by
   walking the graph back from the output, never by node names, which differ between exports;
+- activation ranges: measured once on the calibration frames, then narrowed where the
+  network cannot tell values apart anyway (below a SiLU's flat negative tail), so that the 256
+  levels go where they matter;
 - a few layers whose activations quantize badly: measured per layer, then kept in float.
 """
 
 from __future__ import annotations
 
 import contextlib
-import inspect
 import logging
 import os
 import platform
@@ -32,8 +34,12 @@ from onnxruntime.quantization import (
     CalibrationMethod,
     QuantFormat,
     QuantType,
+    TensorData,
+    TensorsData,
+    create_calibrator,
     quantize_dynamic,
     quantize_static,
+    save_tensors_data,
 )
 
 from device.contract import ModelInfo, Quantization, model_info_from_metadata
@@ -60,6 +66,8 @@ CALIBRATION_METHODS = {
 }
 QUANT_TYPES = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
 MIN_CALIBRATION_SAMPLES = 32
+CALIBRATION_CHUNK = 16  # frames per calibration pass
+SILU_TRIM_ERROR = 1 / 32  # of a step: what clipping a SiLU input may cost (trim_silu_inputs)
 
 
 @dataclass(frozen=True)
@@ -119,6 +127,7 @@ class Recipe:
     float_first_conv: bool = False  # the input layer sees raw pixels; cheap to keep float
     float_head_convs: bool = False  # the heads' last Convs feed the float tail directly
     percentile: float = 99.999
+    trim_silu_inputs: bool = True
 
 
 def preset_recipe(preset: Preset, **overrides) -> Recipe:
@@ -354,23 +363,19 @@ def static_quantize(
     calibration_cache: Path | None = None,
     announce: bool = True,
 ) -> ModelInfo:
-    """Calibrate on ``samples`` and write a static INT8 model; return its metadata."""
-    method = CALIBRATION_METHODS[recipe.calibrate_method]
-    extra = {
-        # Calibrate in chunks so that the histogram methods, which keep whole activations,
-        # stay within memory. (CalibMaxIntermediateOutputs would be simpler, but onnxruntime
-        # 1.32's MinMax calibrator discards the collected chunks instead of merging them.)
-        "CalibStridedMinMax": calibration_chunk(len(samples)),
-        "CalibPercentile": recipe.percentile,
-    }
-    kwargs = {}
-    if calibration_cache is not None and _supports_calibration_cache():
-        kwargs["calibration_cache_path"] = calibration_cache
+    """Calibrate on ``samples`` and write a static INT8 model; return its metadata.
 
-    with (
-        _atomic_output(output_path, announce=announce) as temp_path,
-        _quiet_onnxruntime_root_logger(),
-    ):
+    With ``calibration_cache`` the activation ranges are measured on the first call and read
+    back on later ones, so that the budget search's candidates cost no calibration pass."""
+    with contextlib.ExitStack() as stack:
+        if calibration_cache is None:
+            folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="toolkit-ranges."))
+            calibration_cache = Path(folder) / "ranges.json"
+        if not calibration_cache.is_file():
+            measure_ranges(model_path, samples, info, recipe, calibration_cache)
+
+        temp_path = stack.enter_context(_atomic_output(output_path, announce=announce))
+        stack.enter_context(_quiet_onnxruntime_root_logger())
         quantize_static(
             str(model_path),
             str(temp_path),
@@ -382,9 +387,8 @@ def static_quantize(
             activation_type=QUANT_TYPES[recipe.preset.activation_type],
             weight_type=QUANT_TYPES[recipe.preset.weight_type],
             nodes_to_exclude=list(float_nodes),
-            calibrate_method=method,
-            extra_options=extra,
-            **kwargs,
+            calibrate_method=CALIBRATION_METHODS[recipe.calibrate_method],
+            calibration_cache_path=calibration_cache,
         )
         quantized_info = _int8_info(
             info,
@@ -403,16 +407,95 @@ def static_quantize(
                 op_types=list(recipe.op_types or ["all"]),
                 float_first_conv=recipe.float_first_conv,
                 float_head_convs=recipe.float_head_convs,
+                silu_inputs_trimmed=recipe.trim_silu_inputs,
             ),
         )
         _write_metadata(temp_path, quantized_info)
     return quantized_info
 
 
-def calibration_chunk(count: int, largest: int = 16) -> int:
-    """The largest chunk size up to ``largest`` that divides ``count`` (onnxruntime needs it
-    to divide evenly)."""
-    return next(size for size in range(min(largest, count), 0, -1) if count % size == 0)
+def measure_ranges(
+    model_path: Path, samples: Sequence[Sample], info: ModelInfo, recipe: Recipe, cache: Path
+) -> None:
+    """Run the calibration frames through the FP32 model once and save each activation's range
+    (SiLU inputs trimmed if the recipe says so) where quantize_static reads it."""
+    reader = CalibrationReader(samples, info)
+    with (
+        tempfile.TemporaryDirectory(prefix="toolkit-calibrate.") as folder,
+        _quiet_onnxruntime_root_logger(),
+    ):
+        calibrator = create_calibrator(
+            Path(model_path),
+            list(recipe.op_types) if recipe.op_types else None,
+            augmented_model_path=str(Path(folder) / "augmented.onnx"),
+            calibrate_method=CALIBRATION_METHODS[recipe.calibrate_method],
+            extra_options={"percentile": recipe.percentile},
+        )
+        # In chunks, so that the histogram methods, which keep whole activations, stay within
+        # memory. (onnxruntime's own max_intermediate_outputs option would be simpler, but its
+        # 1.32 MinMax calibrator discards the collected chunks instead of merging them.)
+        for start in range(0, len(samples), CALIBRATION_CHUNK):
+            reader.set_range(start_index=start, end_index=start + CALIBRATION_CHUNK)
+            calibrator.collect_data(reader)
+        ranges = calibrator.compute_data()
+
+    if recipe.trim_silu_inputs:
+        trimmed = trim_silu_inputs(onnx.load(str(model_path), load_external_data=False), ranges)
+        log.debug("Trimmed the negative range of %d SiLU inputs", trimmed)
+    save_tensors_data(ranges, cache)
+
+
+def trim_silu_inputs(model: onnx.ModelProto, ranges: TensorsData) -> int:
+    """Raise the low end of each SiLU input's range to where SiLU has gone flat.
+
+    SiLU(x) = x * sigmoid(x) tends to 0 for very negative x: below -c it stays within
+    c * sigmoid(-c) of it.  A YOLOv5 Conv's output often reaches -50 while SiLU's minimum is
+    -0.28, so most input levels are spent on values the SiLU maps to nearly the same output.
+    Clipping them at -c frees those levels.  Its error is systematic, though: it adds up over
+    the next Conv's inputs instead of averaging out like rounding does, so c is chosen for an
+    error of a small fraction of the output's quantization step.  Returns how many ranges
+    were narrowed."""
+    trimmed = 0
+    for pre_activation, activation in silu_tensors(model):
+        if pre_activation not in ranges or activation not in ranges:
+            continue
+        low, high = ranges[pre_activation].range_value
+        out_low, out_high = ranges[activation].range_value
+        step = float(np.max(out_high) - np.min(out_low)) / 255
+        floor = -silu_flat_below(step * SILU_TRIM_ERROR)
+        if float(np.min(low)) >= floor or float(np.max(high)) <= floor:
+            continue
+        fields = {k: v for k, v in ranges[pre_activation].to_dict().items() if k != "CLS"}
+        fields["lowest"] = np.full_like(low, floor)
+        ranges[pre_activation] = TensorData(**fields)
+        trimmed += 1
+    return trimmed
+
+
+def silu_flat_below(tolerance: float) -> float:
+    """The smallest c past SiLU's minimum (x = -1.28) with |SiLU(-c)| = c * sigmoid(-c) within
+    ``tolerance``: below -c, SiLU is within ``tolerance`` of zero."""
+    c = np.arange(1.3, 40.0, 0.01)
+    flat = c / (1.0 + np.exp(c)) <= tolerance
+    return float(c[np.argmax(flat)]) if flat.any() else float(c[-1])
+
+
+def silu_tensors(model: onnx.ModelProto) -> list[tuple[str, str]]:
+    """(input, output) tensor names of each x * sigmoid(x) whose input feeds nothing else."""
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    pairs = []
+    for node in model.graph.node:
+        if node.op_type != "Sigmoid":
+            continue
+        tensor = node.input[0]
+        users = consumers.get(tensor, [])
+        muls = [n for n in users if n.op_type == "Mul" and node.output[0] in n.input]
+        if len(users) == 2 and len(muls) == 1 and tensor in muls[0].input:
+            pairs.append((tensor, muls[0].output[0]))
+    return pairs
 
 
 def dynamic_quantize(model_path: Path, output_path: Path, info: ModelInfo) -> ModelInfo:
@@ -495,10 +578,6 @@ def _quiet_onnxruntime_root_logger():
         yield
     finally:
         root.setLevel(level)
-
-
-def _supports_calibration_cache() -> bool:
-    return "calibration_cache_path" in inspect.signature(quantize_static).parameters
 
 
 # ---------------------------------------------------------------- fidelity budget search
