@@ -56,6 +56,9 @@ class Quantization(BaseModel):
     silu_inputs_trimmed: bool = Field(
         default=False, description="SiLU inputs' ranges start where SiLU goes flat"
     )
+    weight_rounding: str = Field(
+        default="nearest", description="nearest, or error-feedback (GPTQ) on the same scales"
+    )
     float_layers: list[str] = Field(
         default_factory=list, description="layers the fidelity-budget search kept in float"
     )

@@ -203,15 +203,22 @@ def detect_samples(
 
 
 def measure_latency(
-    model_paths: Sequence[str | Path], tensor: np.ndarray, *, runs: int = 50, warmup: int = 5
+    model_paths: Sequence[str | Path],
+    tensor: np.ndarray,
+    *,
+    runs: int = 50,
+    warmup: int = 5,
+    threads: int = 0,
 ) -> list[tuple[float, float]]:
-    """(median, p95) inference milliseconds of each model on ``tensor``.
+    """(median, p95) inference milliseconds of each model on ``tensor``, with the device's
+    session settings (``threads`` 0: one per usable CPU).
 
     The models run in turn, one inference each per round, so that load from other processes
     falls on all of them alike and their ratios stay meaningful on a busy machine."""
-    from device.infer import Detector
+    from device.infer import Detector, SessionConfig
 
-    detectors = [Detector(path) for path in model_paths]
+    config = SessionConfig(intra_op_threads=threads)
+    detectors = [Detector(path, session_config=config) for path in model_paths]
     try:
         for detector in detectors:
             for _ in range(warmup):
