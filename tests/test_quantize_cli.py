@@ -87,13 +87,15 @@ def test_held_out_images_are_never_calibration_images(tiny_onnx, tmp_path):
     outcome = CliRunner().invoke(
         app,
         ["quantize", str(model), "-d", str(images), "-n", "10", "--eval-samples", "4",
-         "--latency-runs", "2", "--no-search"],
+         "--latency-runs", "2", "--no-search", "--weight-rounding", "nearest"],
     )  # fmt: skip
 
     assert outcome.exit_code == 0, outcome.output
     report = json.loads((tmp_path / "tiny-int8-report.json").read_text())
     assert report["held_out"]["count"] == 4
     assert report["calibration"]["count"] == 10
+    (written,) = tmp_path.glob("tiny-int8-*.onnx")
+    assert model_info_from_metadata(metadata(written)).quantization.weight_rounding == "nearest"
 
 
 def test_ultralytics_style_metadata_is_enough(tmp_path):

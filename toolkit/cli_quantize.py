@@ -29,6 +29,11 @@ class Method(str, Enum):
     percentile = "percentile"
 
 
+class WeightRounding(str, Enum):
+    error_feedback = "error-feedback"
+    nearest = "nearest"
+
+
 class Format(str, Enum):
     qdq = "qdq"
     qoperator = "qoperator"
@@ -78,6 +83,14 @@ def quantize_command(
             "--per-channel/--per-tensor", help="Weight scales per output channel (preset)."
         ),
     ] = None,
+    weight_rounding: Annotated[
+        WeightRounding,
+        typer.Option(
+            "--weight-rounding",
+            help="error-feedback (GPTQ, measured on the calibration images; QDQ only) or "
+            "nearest (onnxruntime's own).",
+        ),
+    ] = WeightRounding.error_feedback,
     samples: Annotated[
         int, typer.Option("--samples", "-n", help="Calibration images to draw.")
     ] = 128,
@@ -131,6 +144,7 @@ def quantize_command(
         calibrate_method=method.value,
         quant_format="QDQ" if quant_format is Format.qdq else "QOperator",
         per_channel=per_channel,
+        weight_rounding=weight_rounding.value,
         samples=samples,
         eval_samples=eval_samples,
         seed=seed,

@@ -44,6 +44,7 @@ class QuantizeRequest:
     calibrate_method: str = "minmax"
     quant_format: str = "QDQ"
     per_channel: bool | None = None  # None: the preset's choice
+    weight_rounding: str = "error-feedback"
     samples: int = 128
     eval_samples: int = 64
     seed: int = 0
@@ -71,6 +72,11 @@ def check_request(request: QuantizeRequest) -> None:
     if request.calibrate_method not in quantize.CALIBRATION_METHODS:
         methods = ", ".join(quantize.CALIBRATION_METHODS)
         problems.append(f"--method must be one of {methods}, got '{request.calibrate_method}'")
+    if request.weight_rounding not in quantize.WEIGHT_ROUNDINGS:
+        roundings = ", ".join(quantize.WEIGHT_ROUNDINGS)
+        problems.append(
+            f"--weight-rounding must be one of {roundings}, got '{request.weight_rounding}'"
+        )
     if request.quant_format not in ("QDQ", "QOperator"):
         problems.append(f"--format must be QDQ or QOperator, got '{request.quant_format}'")
     if request.preset != "auto" and request.preset not in quantize.PRESETS:
@@ -133,6 +139,7 @@ def quantize_and_prove(request: QuantizeRequest) -> ProofReport:
             calibrate_method=request.calibrate_method,
             quant_format=request.quant_format,
             per_channel=request.per_channel,
+            weight_rounding=request.weight_rounding,
         )
         variant, search_steps = make_static(
             request, model, info, tail, recipe, samples.calibration, samples.validation,

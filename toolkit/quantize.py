@@ -420,7 +420,7 @@ def static_quantize(
                 float_first_conv=recipe.float_first_conv,
                 float_head_convs=recipe.float_head_convs,
                 silu_inputs_trimmed=recipe.trim_silu_inputs,
-                weight_rounding=recipe.weight_rounding,
+                weight_rounding="error-feedback" if hessians else "nearest",
             ),
         )
         _write_metadata(temp_path, quantized_info)
@@ -469,8 +469,8 @@ def conv_input_hessians(
     """The Conv inputs' second moments that error-feedback rounding needs (none for nearest
     rounding), measured on up to HESSIAN_FRAMES calibration frames and kept beside the
     ranges."""
-    if recipe.weight_rounding != "error-feedback":
-        return {}
+    if recipe.weight_rounding != "error-feedback" or recipe.quant_format != "QDQ":
+        return {}  # QOperator graphs carry their weights inside QLinearConv
     stored = calibration_cache.with_name(calibration_cache.stem + ".hessians.npz")
     if stored.is_file():
         return weight_rounding.load_hessians(stored)
