@@ -69,7 +69,7 @@ QUANT_TYPES = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
 WEIGHT_ROUNDINGS = ("error-feedback", "nearest")
 MIN_CALIBRATION_SAMPLES = 32
 CALIBRATION_CHUNK = 16  # frames per calibration pass
-HESSIAN_FRAMES = 32  # calibration frames that measure the Conv inputs for weight rounding
+HESSIAN_FRAMES = 128  # calibration frames that measure the Conv inputs for weight rounding
 SILU_TRIM_ERROR = 1 / 32  # of a step: what clipping a SiLU input may cost (trim_silu_inputs)
 
 

@@ -27,7 +27,7 @@ from toolkit.calibrate import Sample
 log = logging.getLogger(__name__)
 
 # Input positions sampled per frame and layer: enough for a stable H, cheap on 640x640 inputs.
-POSITIONS_PER_FRAME = 4096
+POSITIONS_PER_FRAME = 1024
 # Layers with more input columns (channels x kernel area) keep nearest rounding: the cost of
 # error feedback grows with the cube of this, and large models are less sensitive anyway.
 MAX_COLUMNS = 2304
