@@ -34,6 +34,16 @@ def read_frames(source: FrameSource, count: int, timeout: float = 10.0) -> list[
     return frames
 
 
+def drain(source: FrameSource, limit: int = 10_000) -> list[Frame]:
+    """Every frame a finite source gives until it finishes (at most ``limit``)."""
+    frames = []
+    while not source.finished and len(frames) < limit:
+        frame = source.read(timeout=2.0)
+        if frame is not None:
+            frames.append(frame)
+    return frames
+
+
 def assert_bgr_frame(frame: Frame, height: int, width: int) -> None:
     image = frame.image
     assert image.shape == (height, width, 3)

@@ -26,7 +26,7 @@ from device.sources.config import (
     VideoFileConfig,
 )
 from tests.conftest import REALDATA
-from tests.source_helpers import assert_bgr_frame, read_frames, wait_for
+from tests.source_helpers import assert_bgr_frame, drain, read_frames, wait_for
 from tests.stream_servers import ffmpeg_available, make_h264_clip
 
 needs_ffmpeg = pytest.mark.skipif(not ffmpeg_available(), reason="needs the ffmpeg program")
@@ -38,15 +38,6 @@ def clip(tmp_path_factory) -> Path:
     if not ffmpeg_available():
         pytest.skip("needs the ffmpeg program to make a clip")
     return make_h264_clip(tmp_path_factory.mktemp("clip") / "clip.mp4", seconds=2)
-
-
-def drain(source, limit: int = 10_000) -> list:
-    frames = []
-    while not source.finished and len(frames) < limit:
-        frame = source.read(timeout=2.0)
-        if frame is not None:
-            frames.append(frame)
-    return frames
 
 
 # Video files.

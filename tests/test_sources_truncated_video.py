@@ -19,6 +19,7 @@ from device.sources import SourceState, open_source
 from device.sources.config import VideoFileConfig
 from device.sources.container import frames_to_expect
 from tests.constant_model import write_constant_model
+from tests.source_helpers import drain
 from tests.stream_servers import ffmpeg_available
 
 REPO = Path(__file__).resolve().parent.parent
@@ -57,15 +58,6 @@ def count_decoded(path: Path) -> tuple[int, int]:
         decoded += 1
     capture.release()
     return reported, decoded
-
-
-def drain(source, limit: int = 1000) -> list:
-    frames = []
-    while not source.finished and len(frames) < limit:
-        frame = source.read(timeout=2.0)
-        if frame is not None:
-            frames.append(frame)
-    return frames
 
 
 @pytest.fixture(scope="module")
