@@ -121,7 +121,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--samples", type=int, default=100, help="calibration video frames")
     parser.add_argument("--held-video", type=int, default=200, help="held-out video frames")
     parser.add_argument(
-        "--validation", type=int, default=48, help="video frames the budget search measures on"
+        "--validation", type=int, default=150, help="video frames the budget search measures on"
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--preset", default="auto")

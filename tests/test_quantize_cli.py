@@ -280,3 +280,28 @@ def test_log_never_claims_within_budget_when_the_held_out_proof_says_outside(
     assert "OUTSIDE" in caplog.text
     markdown = (tmp_path / "tiny-int8-report.md").read_text()
     assert "6 validation samples of the calibration sources" in markdown
+
+
+def test_search_needs_enough_detections_to_judge_the_budget():
+    assert prove.search_detections_needed(0.03) == 100
+    assert prove.search_detections_needed(0.1) == 30
+    assert prove.search_detections_needed(0.0) == 300
+
+
+def test_search_is_skipped_when_validation_holds_too_few_detections(
+    tiny_onnx, tmp_path, monkeypatch, caplog
+):
+    model = shutil.copy(tiny_onnx, tmp_path / "tiny.onnx")
+    images = scene_images(tmp_path / "frames", 40, seed=4)
+    # Outside the budget on validation, so the search would start adding float layers...
+    monkeypatch.setattr(prove.Judge, "__call__", lambda self, path: quantize.Fidelity(0.9, 0.9))
+    # ...but the validation images hold fewer FP32 detections than judging it needs.
+    monkeypatch.setattr(prove, "search_detections_needed", lambda max_drop: 10**6)
+    request = QuantizeRequest(model=model, data=[images], samples=20, latency_runs=2)
+
+    with caplog.at_level(logging.INFO, logger="toolkit"):
+        report = quantize_and_prove(request)
+
+    assert "Budget search skipped" in caplog.text and "too few to judge a 3% budget" in caplog.text
+    assert [step["count"] for step in report.search] == [0]
+    assert report.variants[1].float_layers == []

@@ -283,6 +283,19 @@ def make_static(
                 baseline.describe(),
             )
             return Variant(name, output_path, info_out, search=baseline), [_step([], baseline)]
+        needed = search_detections_needed(request.max_drop)
+        if judge.reference_count < needed:
+            log.warning(
+                "Budget search skipped: its %d validation samples hold %d FP32 detections, too "
+                "few to judge a %.0f%% budget (at least %d, so that one detection is a third of "
+                "it or less). Float layers chosen on so few would follow noise. Pass more --data "
+                "like what the camera will see.",
+                len(validation),
+                judge.reference_count,
+                request.max_drop * 100,
+                needed,
+            )
+            return Variant(name, output_path, info_out, search=baseline), [_step([], baseline)]
 
         ranking = quantize.rank_layers(
             request.model, output_path, spread(calibration, RANKING_SAMPLES), info, groups
@@ -314,12 +327,19 @@ def make_static(
         return variant, steps
 
 
+def search_detections_needed(max_drop: float) -> int:
+    """FP32 detections the validation samples must hold for the search to judge ``max_drop``:
+    enough that one detection more or less is at most a third of the budget."""
+    return math.ceil(3 / max(max_drop, 0.01))
+
+
 class Judge:
     """Measures candidates against FP32 on fixed samples, by the rule the report uses."""
 
     def __init__(self, fp32_path: Path, samples: list[Sample]) -> None:
         self.images = [s.image for s in samples]
         self.reference = _detections(fp32_path, samples)
+        self.reference_count = sum(len(d.above(AGREEMENT_CONF)) for d in self.reference)
         labelled = all(s.labels is not None for s in samples)
         self.truth = [s.labels for s in samples] if labelled else None
 
