@@ -305,3 +305,30 @@ def test_search_is_skipped_when_validation_holds_too_few_detections(
     assert "Budget search skipped" in caplog.text and "too few to judge a 3% budget" in caplog.text
     assert [step["count"] for step in report.search] == [0]
     assert report.variants[1].float_layers == []
+
+
+def test_search_validates_on_spare_eval_images_when_there_are_enough(tiny_onnx, tmp_path):
+    data = scene_images(tmp_path / "camera", 40, seed=5)
+    eval_data = scene_images(tmp_path / "labelled", 30, seed=6)
+    for image in eval_data.iterdir():
+        image.rename(image.with_name("eval-" + image.name))
+    request = QuantizeRequest(
+        model=tiny_onnx, data=[data], eval_data=[eval_data], samples=20, eval_samples=8
+    )
+
+    samples = draw_samples(request, model_info_from_metadata(metadata(tiny_onnx)), [])
+
+    def folders(draw):
+        return {"labelled" if s.name.startswith("eval-") else "camera" for s in draw}
+
+    assert (len(samples.calibration), len(samples.validation), len(samples.held_out)) == (20, 22, 8)
+    assert folders(samples.calibration) == {"camera"}
+    assert folders(samples.validation) == folders(samples.held_out) == {"labelled"}
+    assert not {s.name for s in samples.validation} & {s.name for s in samples.held_out}
+    assert samples.validation_origin == "--eval-data not drawn for the proof"
+
+    few_spare = QuantizeRequest(
+        model=tiny_onnx, data=[data], eval_data=[eval_data], samples=20, eval_samples=20
+    )
+    fallback = draw_samples(few_spare, model_info_from_metadata(metadata(tiny_onnx)), [])
+    assert folders(fallback.validation) == {"camera"} and len(fallback.validation) == 8

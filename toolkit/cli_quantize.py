@@ -106,8 +106,9 @@ def quantize_command(
         bool,
         typer.Option(
             "--search/--no-search",
-            help="Keep the worst layers float until within budget on validation images: a "
-            "fifth of --data (up to 96), set aside from calibration.",
+            help="Keep the worst layers float until within budget on validation images: "
+            "--eval-data images the proof does not draw (16 or more, up to 96), else a fifth "
+            "of --data set aside from calibration.",
         ),
     ] = True,
     latency_runs: Annotated[int, typer.Option("--latency-runs", help="Timed runs per model.")] = 50,

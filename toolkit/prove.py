@@ -28,7 +28,8 @@ log = logging.getLogger(__name__)
 MODES = ("static", "dynamic")
 AGREEMENT_IOU = 0.5
 AGREEMENT_CONF = 0.25
-SEARCH_SAMPLES = 96  # calibration frames the budget search measures on
+SEARCH_SAMPLES = 96  # frames the budget search measures on
+MIN_EVAL_VALIDATION = 16  # spare --eval-data images worth validating the search on
 RANKING_SAMPLES = 6  # frames for the per-layer error (all activations are kept in memory)
 
 
@@ -154,6 +155,7 @@ def quantize_and_prove(request: QuantizeRequest) -> ProofReport:
     report.calibration = {
         "count": len(samples.calibration),
         "validation_count": len(samples.validation),
+        "validation_origin": samples.validation_origin,
         "sources": [str(p) for p in request.data],
         "seed": request.seed,
         "method": request.calibrate_method,
@@ -168,13 +170,14 @@ def quantize_and_prove(request: QuantizeRequest) -> ProofReport:
 
 @dataclass
 class Samples:
-    """Three disjoint draws: calibration sets the ranges, validation (from the calibration
-    sources, never calibrated on) steers the budget search, held-out proves the result."""
+    """Three disjoint draws: calibration sets the ranges, validation (never calibrated on nor
+    proven on) steers the budget search, held-out proves the result."""
 
     calibration: list[Sample]
     validation: list[Sample]
     held_out: list[Sample]
     labelled: bool  # whether the held-out images have labels
+    validation_origin: str = "the calibration sources"
 
 
 def validation_count(available: int) -> int:
@@ -190,15 +193,27 @@ def draw_samples(request: QuantizeRequest, info: ModelInfo, warnings: list[str])
     total = sum(len(s) for s in sources)
     searching = "static" in request.modes and request.search
 
+    validation_origin = "the calibration sources"
     if eval_sources:
-        validation_size = validation_count(total) if searching else 0
+        # Images of --eval-data that the proof does not draw resemble the proof's more than
+        # calibration frames do: the search validates on them when there are enough.
+        spare = sum(len(s) for s in eval_sources) - request.eval_samples
+        from_eval = searching and spare >= MIN_EVAL_VALIDATION
+        held_out, validation = calibrate.sample_split(
+            eval_sources,
+            request.eval_samples,
+            min(spare, SEARCH_SAMPLES) if from_eval else 0,
+            seed=request.seed,
+        )
+        validation_size = validation_count(total) if searching and not from_eval else 0
         calibration_size = min(request.samples, total - validation_size)
-        calibration, validation = calibrate.sample_splits(
+        calibration, from_data = calibrate.sample_splits(
             sources, [calibration_size, validation_size], seed=request.seed
         )
-        held_out, _ = calibrate.sample_split(
-            eval_sources, request.eval_samples, 0, seed=request.seed
-        )
+        if from_eval:
+            validation_origin = "--eval-data not drawn for the proof"
+        else:
+            validation = from_data
     else:
         # A small folder still keeps a quarter of itself out of calibration for the proof.
         held_size = min(request.eval_samples, max(1, total // 4))
@@ -238,14 +253,14 @@ def draw_samples(request: QuantizeRequest, info: ModelInfo, warnings: list[str])
         for source in eval_sources:
             calibrate.check_labels_fit(held_out, info, source.path)
     log.info(
-        "Calibration: %d samples; search validation: %d other samples of the same sources; "
-        "held-out: %d samples%s",
+        "Calibration: %d samples; search validation: %d samples of %s; held-out: %d samples%s",
         len(calibration),
         len(validation),
+        validation_origin,
         len(held_out),
         " with labels" if labelled else "",
     )
-    return Samples(calibration, validation, held_out, labelled)
+    return Samples(calibration, validation, held_out, labelled, validation_origin)
 
 
 def make_static(

@@ -171,9 +171,10 @@ def render_markdown(report: ProofReport) -> str:
             "",
             "## Budget search",
             "",
-            f"Measured on {calibration.get('validation_count', '?')} validation samples of the "
-            "calibration sources, used neither to calibrate nor in the table above; the "
-            "table's held-out verdict is the one that counts.",
+            f"Measured on {calibration.get('validation_count', '?')} validation samples of "
+            f"{calibration.get('validation_origin', 'the calibration sources')}, used neither "
+            "to calibrate nor in the table above; the table's held-out verdict is the one that "
+            "counts.",
             "",
             "| float layers | recall | precision |",
             "|---|---|---|",
