@@ -309,34 +309,20 @@ def _first_conv(model: onnx.ModelProto) -> str:
 def layer_groups(model: onnx.ModelProto, tail: DetectTail) -> dict[str, list[str]]:
     """Quantizable layers outside the tail: each Conv with its SiLU (Sigmoid, Mul), and every
     other node on its own.  Keys are the Conv's (or node's) name."""
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for node in model.graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
-
+    silu = silu_nodes(model)
     skip = set(tail.nodes)
     groups: dict[str, list[str]] = {}
     grouped: set[str] = set()
     for node in model.graph.node:
         if node.op_type != "Conv" or node.name in skip:
             continue
-        members = [node.name, *_silu_after(node.output[0], consumers)]
+        members = [node.name, *(n.name for n in silu.get(node.output[0], ()))]
         groups[node.name] = members
         grouped.update(members)
     for node in model.graph.node:
         if node.name not in grouped and node.name not in skip:
             groups[node.name] = [node.name]
     return groups
-
-
-def _silu_after(tensor: str, consumers: dict[str, list[onnx.NodeProto]]) -> list[str]:
-    """The Sigmoid and Mul of x * sigmoid(x) applied to ``tensor``, if that is what follows."""
-    users = consumers.get(tensor, [])
-    sigmoids = [n for n in users if n.op_type == "Sigmoid"]
-    muls = [n for n in users if n.op_type == "Mul"]
-    if len(sigmoids) == 1 and len(muls) == 1 and sigmoids[0].output[0] in muls[0].input:
-        return [sigmoids[0].name, muls[0].name]
-    return []
 
 
 @dataclass
@@ -506,7 +492,8 @@ def trim_silu_inputs(model: onnx.ModelProto, ranges: TensorsData) -> int:
     error of a small fraction of the output's quantization step.  Returns how many ranges
     were narrowed."""
     trimmed = 0
-    for pre_activation, activation in silu_tensors(model):
+    for pre_activation, (_, mul) in silu_nodes(model).items():
+        activation = mul.output[0]
         if pre_activation not in ranges or activation not in ranges:
             continue
         low, high = ranges[pre_activation].range_value
@@ -530,13 +517,14 @@ def silu_flat_below(tolerance: float) -> float:
     return float(c[np.argmax(flat)]) if flat.any() else float(c[-1])
 
 
-def silu_tensors(model: onnx.ModelProto) -> list[tuple[str, str]]:
-    """(input, output) tensor names of each x * sigmoid(x) whose input feeds nothing else."""
+def silu_nodes(model: onnx.ModelProto) -> dict[str, tuple[onnx.NodeProto, onnx.NodeProto]]:
+    """The Sigmoid and Mul of each x * sigmoid(x), keyed by the tensor x, where x feeds
+    nothing else."""
     consumers: dict[str, list[onnx.NodeProto]] = {}
     for node in model.graph.node:
         for name in node.input:
             consumers.setdefault(name, []).append(node)
-    pairs = []
+    found = {}
     for node in model.graph.node:
         if node.op_type != "Sigmoid":
             continue
@@ -544,8 +532,8 @@ def silu_tensors(model: onnx.ModelProto) -> list[tuple[str, str]]:
         users = consumers.get(tensor, [])
         muls = [n for n in users if n.op_type == "Mul" and node.output[0] in n.input]
         if len(users) == 2 and len(muls) == 1 and tensor in muls[0].input:
-            pairs.append((tensor, muls[0].output[0]))
-    return pairs
+            found[tensor] = (node, muls[0])
+    return found
 
 
 def dynamic_quantize(model_path: Path, output_path: Path, info: ModelInfo) -> ModelInfo:

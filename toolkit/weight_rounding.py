@@ -44,10 +44,13 @@ def input_hessians(
 ) -> dict[str, np.ndarray]:
     """H = X^T X of each named Conv's unfolded input over ``samples``, from the FP32 model."""
     model = onnx.load(str(model_path))
+    wanted = set(conv_names)
+    weight_dims = {i.name: i.dims for i in model.graph.initializer}
     convs = [
-        node for node in model.graph.node if node.name in set(conv_names) and _groups(node) == 1
+        node
+        for node in model.graph.node
+        if node.name in wanted and _groups(node) == 1 and _columns(node, weight_dims) <= MAX_COLUMNS
     ]
-    convs = [node for node in convs if _columns(node, model) <= MAX_COLUMNS]
     session, outputs = _session_with_conv_inputs(model, convs)
     rng = np.random.default_rng(seed)
 
@@ -97,9 +100,10 @@ def _groups(node: onnx.NodeProto) -> int:
     return int(_attribute(node, "group", 1))
 
 
-def _columns(node: onnx.NodeProto, model: onnx.ModelProto) -> int:
-    weights = {i.name: i.dims for i in model.graph.initializer}
-    dims = weights.get(node.input[1])
+def _columns(node: onnx.NodeProto, weight_dims: dict) -> int:
+    """Input columns of a Conv's weight (channels x kernel area); above MAX_COLUMNS when its
+    weight is not a constant."""
+    dims = weight_dims.get(node.input[1])
     return int(np.prod(dims[1:])) if dims else MAX_COLUMNS + 1
 
 
